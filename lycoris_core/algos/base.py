@@ -1,0 +1,174 @@
+"""The contract every adapter algorithm implements.
+
+An `AdapterModule` is one adapted layer of a file: named tensor references (loaded lazily),
+the rank read from shapes, alpha, and `delta()`, which builds ΔW in float32 or better.
+Subclasses only declare their tensors, check shapes and supply the pure ΔW function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import ClassVar, Protocol
+
+import torch
+
+from ..errors import AdapterError
+from .dora import apply_dora
+
+
+class TensorSource(Protocol):
+    """Something that hands out tensors by key (a lazily read file, or a dict in memory)."""
+
+    path: str
+
+    def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    """A tensor known by key and shape; its data is read only by `load()`."""
+
+    key: str
+    shape: tuple[int, ...]
+    source: TensorSource = field(repr=False, compare=False)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def load(self, device: str | torch.device = "cpu",
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        t = self.source.get(self.key, device=device)
+        if t.is_floating_point() or dtype.is_floating_point:
+            t = t.to(dtype)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise AdapterError("tensor holds NaN or Inf values", file=self.source.path, key=self.key)
+        return t
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """ΔW is always computed in float32 or better (fp16 Hadamard products overflow)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@dataclass
+class AdapterModule:
+    """One adapted layer. `name` is the module name as the file spells it."""
+
+    algo: ClassVar[str] = ""
+    tensor_names: ClassVar[tuple[str, ...]] = ()
+
+    name: str
+    source: TensorSource = field(repr=False)
+    alpha_ref: TensorRef | None = field(default=None, repr=False)
+    dora_ref: TensorRef | None = field(default=None, repr=False)
+    weight_shape: tuple[int, ...] | None = None
+    """The shape of the layer weight this module patches, once known (from a model or shapes)."""
+
+    _alpha: float | None = field(default=None, init=False, repr=False)
+
+    # --- what subclasses provide -------------------------------------------------------------
+    @property
+    def rank(self) -> int | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def out_features(self) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    @property
+    def natural_shape(self) -> tuple[int, ...]:
+        """The shape ΔW comes out in before reshaping to the layer (conv-flat stays 2-D)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _diff(self, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Unscaled ΔW in `natural_shape`."""
+        raise NotImplementedError  # pragma: no cover
+
+    def describe(self) -> dict:
+        """Mode information for reports (Tucker, full, decomposed, …)."""
+        return {}
+
+    # --- shared behaviour -------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self.source.path
+
+    def refs(self) -> dict[str, TensorRef]:
+        out = {n: getattr(self, n) for n in self.tensor_names if getattr(self, n) is not None}
+        if self.alpha_ref is not None:
+            out["alpha"] = self.alpha_ref
+        if self.dora_ref is not None:
+            out["dora_scale"] = self.dora_ref
+        return out
+
+    @property
+    def alpha(self) -> float:
+        """alpha as stored (int64 or float, read with `.item()`); missing or 0 means alpha = rank."""
+        if self._alpha is None:
+            value = None
+            if self.alpha_ref is not None:
+                t = self.alpha_ref.source.get(self.alpha_ref.key)
+                if t.numel() != 1:
+                    raise AdapterError(f"alpha must be a scalar, has shape {tuple(t.shape)}",
+                                       file=self.path, key=self.alpha_ref.key)
+                value = float(t.reshape(()).item())
+                if not math.isfinite(value):
+                    raise AdapterError("alpha is NaN or Inf", file=self.path, key=self.alpha_ref.key)
+            rank = self.rank
+            self._alpha = value if value else float(rank if rank else 1)
+        return self._alpha
+
+    @property
+    def scale(self) -> float:
+        rank = self.rank
+        return 1.0 if not rank else self.alpha / rank
+
+    @property
+    def has_dora(self) -> bool:
+        return self.dora_ref is not None
+
+    def resolved_shape(self, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+        shape = tuple(shape) if shape is not None else self.weight_shape
+        nat = self.natural_shape
+        if shape is None:
+            return nat
+        if math.prod(shape) != math.prod(nat) or shape[0] != nat[0]:
+            raise AdapterError(
+                f"module '{self.name}' makes a {list(nat)} change, the layer weight is {list(shape)}",
+                file=self.path, key=self._first_key())
+        return shape
+
+    def _first_key(self) -> str:
+        refs = self.refs()
+        return next(iter(refs.values())).key if refs else self.name
+
+    def delta(self, dtype: torch.dtype = torch.float32, *, shape: tuple[int, ...] | None = None,
+              base: torch.Tensor | None = None,
+              device: str | torch.device | None = None) -> torch.Tensor:
+        """ΔW at strength 1, shaped like the layer weight when that shape is known.
+
+        With DoRA (`dora_scale`) the change depends on the base weight: pass `base` (W0) and the
+        full change `W' − W0` is returned; without it an `AdapterError` is raised.
+        Computed in float32 (float64 if asked), cast to `dtype` at the end.
+        """
+        if base is not None:
+            shape = tuple(base.shape)
+            device = base.device if device is None else device
+        device = device if device is not None else "cpu"
+        cdt = compute_dtype(dtype)
+        target = self.resolved_shape(shape)
+        dw = (self._diff(device, cdt) * self.scale).reshape(target)
+        if self.dora_ref is not None:
+            if base is None:
+                raise AdapterError(
+                    "DoRA module: its change depends on the base weight values; pass the weight "
+                    "tensor, not only its shape", file=self.path, key=self.dora_ref.key)
+            w0 = base.to(device=device, dtype=cdt)
+            dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
+        return dw.to(dtype)
+
+
+ModuleFactory = Callable[..., AdapterModule]

@@ -1,0 +1,134 @@
+"""LoHa: ΔW = scale · (w1_a @ w1_b) ⊙ (w2_a @ w2_b), optionally Tucker-chained for k×k convs.
+
+Layouts (O out, I in, R rank, k kernel):
+    linear / conv 1×1 / conv flat:  w*_a (O, R), w*_b (R, I·k·k)
+    conv Tucker:                    w*_a (R, O) (transposed), w*_b (R, I), t* (R, R, k, k)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterError
+from .base import AdapterModule, TensorRef
+
+
+@dataclass
+class LoHaFactors:
+    """The loaded tensors of one LoHa module."""
+
+    w1_a: torch.Tensor
+    w1_b: torch.Tensor
+    w2_a: torch.Tensor
+    w2_b: torch.Tensor
+    t1: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+
+def rebuild_tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """(R,R,k,k) core with w_a (R,O) and w_b (R,I) → (O, I, k, k)."""
+    return torch.einsum("i j ..., j r, i p -> p r ...", t, w_b, w_a)
+
+
+def diff_weight(f: LoHaFactors, scale: float = 1.0) -> torch.Tensor:
+    """ΔW (Tucker: (O,I,k,k); otherwise (O, I·k·k)). Autograd-friendly: no custom backward."""
+    if f.t1 is not None and f.t2 is not None:
+        p1 = rebuild_tucker(f.t1, f.w1_a, f.w1_b)
+        p2 = rebuild_tucker(f.t2, f.w2_a, f.w2_b)
+    else:
+        p1 = f.w1_a.reshape(f.w1_a.shape[0], -1) @ f.w1_b.reshape(f.w1_b.shape[0], -1)
+        p2 = f.w2_a.reshape(f.w2_a.shape[0], -1) @ f.w2_b.reshape(f.w2_b.shape[0], -1)
+    out = p1 * p2
+    return out * scale if scale != 1.0 else out
+
+
+@dataclass
+class LoHaModule(AdapterModule):
+    algo = "loha"
+    tensor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+    hada_w1_a: TensorRef | None = None
+    hada_w1_b: TensorRef | None = None
+    hada_w2_a: TensorRef | None = None
+    hada_w2_b: TensorRef | None = None
+    hada_t1: TensorRef | None = None
+    hada_t2: TensorRef | None = None
+
+    def __post_init__(self) -> None:
+        for n in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"):
+            if getattr(self, n) is None:
+                raise AdapterError(f"LoHa module '{self.name}' has no {n}", file=self.path,
+                                   key=f"{self.name}.{n}")
+        if (self.hada_t1 is None) != (self.hada_t2 is None):
+            missing = "hada_t2" if self.hada_t2 is None else "hada_t1"
+            raise AdapterError(f"Tucker LoHa module '{self.name}' lacks {missing}",
+                               file=self.path, key=f"{self.name}.{missing}")
+        for half in (1, 2):
+            self._check_half(half)
+        o1, o2 = self._out(1), self._out(2)
+        if o1 != o2:
+            raise AdapterError(f"hada_w1 gives {o1} outputs, hada_w2 gives {o2}", file=self.path,
+                               key=self.hada_w2_a.key)
+        if self._in_numel(1) != self._in_numel(2):
+            raise AdapterError("hada_w1_b and hada_w2_b disagree on the input size",
+                               file=self.path, key=self.hada_w2_b.key)
+
+    @property
+    def tucker(self) -> bool:
+        return self.hada_t1 is not None
+
+    def _check_half(self, half: int) -> None:
+        a: TensorRef = getattr(self, f"hada_w{half}_a")
+        b: TensorRef = getattr(self, f"hada_w{half}_b")
+        for ref in (a, b):
+            if ref.ndim < 2 or 0 in ref.shape:
+                raise AdapterError(f"expected a non-empty matrix, got shape {list(ref.shape)}",
+                                   file=self.path, key=ref.key)
+        if self.tucker:
+            t: TensorRef = getattr(self, f"hada_t{half}")
+            if t.ndim < 3 or a.ndim != 2 or b.ndim != 2:
+                raise AdapterError(f"Tucker core must be (R,R,k,k), got {list(t.shape)}",
+                                   file=self.path, key=t.key)
+            if t.shape[0] != a.shape[0] or t.shape[1] != b.shape[0]:
+                raise AdapterError(
+                    f"Tucker core {list(t.shape)} does not fit {list(a.shape)} / {list(b.shape)}",
+                    file=self.path, key=t.key)
+        elif a.shape[1] != b.shape[0] or math.prod(a.shape[2:]) != 1:
+            raise AdapterError(f"rank mismatch: {a.key} is {list(a.shape)}, {b.key} is "
+                               f"{list(b.shape)}", file=self.path, key=b.key)
+
+    def _out(self, half: int) -> int:
+        a: TensorRef = getattr(self, f"hada_w{half}_a")
+        return a.shape[1] if self.tucker else a.shape[0]
+
+    def _in_numel(self, half: int) -> int:
+        b: TensorRef = getattr(self, f"hada_w{half}_b")
+        if self.tucker:
+            t: TensorRef = getattr(self, f"hada_t{half}")
+            return b.shape[1] * math.prod(t.shape[2:])
+        return math.prod(b.shape[1:])
+
+    @property
+    def rank(self) -> int:
+        return self.hada_w1_b.shape[0]
+
+    @property
+    def natural_shape(self) -> tuple[int, ...]:
+        if self.tucker:
+            return (self._out(1), self.hada_w1_b.shape[1], *self.hada_t1.shape[2:])
+        b = self.hada_w1_b.shape
+        return (self._out(1), *b[1:]) if len(b) > 2 else (self._out(1), b[1])
+
+    def factors(self, device="cpu", dtype=torch.float32) -> LoHaFactors:
+        ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
+        return LoHaFactors(ld(self.hada_w1_a), ld(self.hada_w1_b), ld(self.hada_w2_a),
+                           ld(self.hada_w2_b), ld(self.hada_t1), ld(self.hada_t2))
+
+    def _diff(self, device, dtype) -> torch.Tensor:
+        return diff_weight(self.factors(device, dtype)).reshape(self.natural_shape)
+
+    def describe(self) -> dict:
+        return {"mode": "tucker" if self.tucker else "flat"}

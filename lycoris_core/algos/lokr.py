@@ -1,0 +1,209 @@
+"""LoKr: ΔW = scale · kron(W1, W2).
+
+W1 (a, c) is `lokr_w1` or `lokr_w1_a (a,R) @ lokr_w1_b (R,c)`; W2 (b, d[, k, k]) is `lokr_w2`,
+`lokr_w2_a (b,R) @ lokr_w2_b (R, d[·k·k])`, or Tucker `t2 (R,R,k,k)` with `w2_a (R,b)`,
+`w2_b (R,d)`. With O = a·b and I = c·d. Scale is alpha / R, and 1 when both halves are full.
+Applying LoKr never needs ΔW: `kron(W1, W2) x = vec(W2 · X · W1ᵀ)` (see `bypass_linear`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterError
+from .base import AdapterModule, TensorRef
+from .loha import rebuild_tucker
+
+
+def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
+    """Split `dimension` into (m, n), m ≤ n, as LyCORIS/sd-scripts do.
+
+    A positive `factor` dividing the dimension gives (min(f, dim/f), max(...)); otherwise the
+    divisor pair with m ≤ √dim and m ≤ factor that is closest to square.
+    """
+    if factor > 0 and dimension % factor == 0:
+        m, n = factor, dimension // factor
+        return (m, n) if m <= n else (n, m)
+    limit = dimension if factor < 0 else factor
+    best = 1
+    for m in range(1, math.isqrt(dimension) + 1):
+        if m > limit:
+            break
+        if dimension % m == 0:
+            best = m
+    return best, dimension // best
+
+
+@dataclass
+class LoKrFactors:
+    """The loaded tensors of one LoKr module (exactly one form per half is set)."""
+
+    w1: torch.Tensor | None = None
+    w1_a: torch.Tensor | None = None
+    w1_b: torch.Tensor | None = None
+    t1: torch.Tensor | None = None
+    w2: torch.Tensor | None = None
+    w2_a: torch.Tensor | None = None
+    w2_b: torch.Tensor | None = None
+    t2: torch.Tensor | None = None
+
+
+def _half(full, a, b, t) -> torch.Tensor:
+    if full is not None:
+        return full
+    if t is not None:
+        return rebuild_tucker(t, a, b)
+    r = b.shape[0]
+    return (a @ b.reshape(r, -1)).reshape(a.shape[0], *b.shape[1:])
+
+
+def rebuild_w1(f: LoKrFactors) -> torch.Tensor:
+    return _half(f.w1, f.w1_a, f.w1_b, f.t1)
+
+
+def rebuild_w2(f: LoKrFactors) -> torch.Tensor:
+    return _half(f.w2, f.w2_a, f.w2_b, f.t2)
+
+
+def kron(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """kron with w1 broadcast over w2's kernel dims; w2 made contiguous (SPEC §5: Tucker w2)."""
+    w2 = w2.contiguous()
+    while w1.dim() < w2.dim():
+        w1 = w1.unsqueeze(-1)
+    return torch.kron(w1.contiguous(), w2)
+
+
+def diff_weight(f: LoKrFactors, scale: float = 1.0) -> torch.Tensor:
+    """ΔW = scale · kron(W1, W2): (a·b, c·d[, k, k]) or (a·b, c·d·k·k) for flat convs."""
+    out = kron(rebuild_w1(f), rebuild_w2(f))
+    return out * scale if scale != 1.0 else out
+
+
+def bypass_linear(x: torch.Tensor, f: LoKrFactors, scale: float = 1.0) -> torch.Tensor:
+    """ΔW x for a Linear layer without building ΔW: x (..., c·d) → (..., a·b).
+
+    With X = x reshaped to (c, d): (W1 ⊗ W2) vec(X) = vec(W1 · X · W2ᵀ) in row-major order.
+    """
+    w1, w2 = rebuild_w1(f), rebuild_w2(f)
+    (a, c), (b, d) = w1.shape, w2.shape
+    h = x.reshape(*x.shape[:-1], c, d)
+    y = torch.matmul(torch.matmul(w1, h), w2.transpose(0, 1))
+    y = y.reshape(*x.shape[:-1], a * b)
+    return y * scale if scale != 1.0 else y
+
+
+@dataclass
+class LoKrModule(AdapterModule):
+    algo = "lokr"
+    tensor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1",
+                    "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
+
+    lokr_w1: TensorRef | None = None
+    lokr_w1_a: TensorRef | None = None
+    lokr_w1_b: TensorRef | None = None
+    lokr_t1: TensorRef | None = None
+    lokr_w2: TensorRef | None = None
+    lokr_w2_a: TensorRef | None = None
+    lokr_w2_b: TensorRef | None = None
+    lokr_t2: TensorRef | None = None
+
+    def __post_init__(self) -> None:
+        self._w1_shape = self._check_half(1)
+        self._w2_shape = self._check_half(2)
+
+    def _check_half(self, i: int) -> tuple[int, ...]:
+        full: TensorRef | None = getattr(self, f"lokr_w{i}")
+        a: TensorRef | None = getattr(self, f"lokr_w{i}_a")
+        b: TensorRef | None = getattr(self, f"lokr_w{i}_b")
+        t: TensorRef | None = getattr(self, f"lokr_t{i}")
+        key = f"{self.name}.lokr_w{i}"
+        if full is not None:
+            if a is not None or b is not None or t is not None:
+                raise AdapterError(f"both lokr_w{i} and its factors are present", file=self.path,
+                                   key=key)
+            if full.ndim < 2 or 0 in full.shape:
+                raise AdapterError(f"bad shape {list(full.shape)}", file=self.path, key=full.key)
+            return full.shape
+        if a is None or b is None:
+            missing = f"lokr_w{i}_a" if a is None else f"lokr_w{i}_b"
+            raise AdapterError(f"LoKr module '{self.name}' has neither lokr_w{i} nor {missing}",
+                               file=self.path, key=f"{self.name}.{missing}")
+        for ref in (a, b):
+            if ref.ndim < 2 or 0 in ref.shape:
+                raise AdapterError(f"bad shape {list(ref.shape)}", file=self.path, key=ref.key)
+        if t is not None and i == 1:
+            raise AdapterError("a Tucker W1 (lokr_t1) is not supported", file=self.path, key=t.key)
+        if t is not None:
+            if t.ndim < 3 or a.ndim != 2 or b.ndim != 2 or t.shape[0] != a.shape[0] \
+                    or t.shape[1] != b.shape[0]:
+                raise AdapterError(f"Tucker core {list(t.shape)} does not fit {list(a.shape)} / "
+                                   f"{list(b.shape)}", file=self.path, key=t.key)
+            return (a.shape[1], b.shape[1], *t.shape[2:])
+        if a.ndim != 2 or a.shape[1] != b.shape[0]:
+            raise AdapterError(f"rank mismatch: {a.key} is {list(a.shape)}, {b.key} is "
+                               f"{list(b.shape)}", file=self.path, key=b.key)
+        return (a.shape[0], *b.shape[1:])
+
+    @property
+    def w1_full(self) -> bool:
+        return self.lokr_w1 is not None
+
+    @property
+    def w2_full(self) -> bool:
+        return self.lokr_w2 is not None
+
+    @property
+    def tucker(self) -> bool:
+        return self.lokr_t2 is not None or self.lokr_t1 is not None
+
+    @property
+    def rank(self) -> int | None:
+        """R of the decomposed half (w2 first); None when both halves are full (scale 1)."""
+        if not self.w2_full:
+            return self.lokr_w2_b.shape[0]
+        if not self.w1_full:
+            return self.lokr_w1_b.shape[0]
+        return None
+
+    @property
+    def w1_shape(self) -> tuple[int, ...]:
+        return self._w1_shape
+
+    @property
+    def w2_shape(self) -> tuple[int, ...]:
+        return self._w2_shape
+
+    @property
+    def natural_shape(self) -> tuple[int, ...]:
+        (a, c, *_), w2 = self._w1_shape, self._w2_shape
+        b = w2[0]
+        if len(w2) > 2:
+            return (a * b, c * w2[1], *w2[2:])
+        return (a * b, c * math.prod(w2[1:]))
+
+    def factor_hint(self) -> int | str:
+        """The sd-scripts `factor` that explains W1's shape: -1 when it is the default split."""
+        a, c = self._w1_shape[:2]
+        out = a * self._w2_shape[0]
+        if factorization(out, -1)[0] == a:
+            return -1
+        return a if a == c else f"{a}x{c}"
+
+    def factors(self, device="cpu", dtype=torch.float32) -> LoKrFactors:
+        ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
+        return LoKrFactors(*(ld(getattr(self, n)) for n in self.tensor_names))
+
+    def _diff(self, device, dtype) -> torch.Tensor:
+        return diff_weight(self.factors(device, dtype)).reshape(self.natural_shape)
+
+    def describe(self) -> dict:
+        return {
+            "w1": "full" if self.w1_full else "decomposed",
+            "w2": "full" if self.w2_full else ("tucker" if self.lokr_t2 is not None else "decomposed"),
+            "w1_shape": list(self._w1_shape[:2]),
+            "w2_shape": list(self._w2_shape),
+            "factor": self.factor_hint(),
+        }

@@ -1,0 +1,81 @@
+"""LoRA / LoCon: ΔW = scale · up @ down, with an optional Tucker `mid` for k×k convs.
+
+up (O, R[,1,1]), down (R, I[,k,k]) or (R, I·k·k), mid (R, R, k, k) with down/up 1×1.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import AdapterError
+from .base import AdapterModule, TensorRef
+
+
+@dataclass
+class LoRAFactors:
+    up: torch.Tensor
+    down: torch.Tensor
+    mid: torch.Tensor | None = None
+
+
+def diff_weight(f: LoRAFactors, scale: float = 1.0) -> torch.Tensor:
+    """ΔW: (O, I, k, k) with `mid`, else (O, I·k·k) (reshape to the layer afterwards)."""
+    up = f.up.reshape(f.up.shape[0], -1)
+    down = f.down.reshape(f.down.shape[0], -1)
+    if f.mid is not None:
+        out = torch.einsum("o r, r s ..., s i -> o i ...", up, f.mid, down)
+    else:
+        out = up @ down
+    return out * scale if scale != 1.0 else out
+
+
+@dataclass
+class LoRAModule(AdapterModule):
+    algo = "lora"
+    tensor_names = ("lora_up", "lora_down", "lora_mid")
+
+    lora_up: TensorRef | None = None
+    lora_down: TensorRef | None = None
+    lora_mid: TensorRef | None = None
+
+    def __post_init__(self) -> None:
+        for n in ("lora_up", "lora_down"):
+            if getattr(self, n) is None:
+                raise AdapterError(f"LoRA module '{self.name}' has no {n}", file=self.path,
+                                   key=f"{self.name}.{n}.weight")
+        up, down, mid = self.lora_up, self.lora_down, self.lora_mid
+        for ref in (up, down):
+            if ref.ndim < 2 or 0 in ref.shape:
+                raise AdapterError(f"bad shape {list(ref.shape)}", file=self.path, key=ref.key)
+        if mid is not None:
+            if mid.ndim < 3 or mid.shape[0] != up.shape[1] or mid.shape[1] != down.shape[0]:
+                raise AdapterError(f"lora_mid {list(mid.shape)} does not fit up {list(up.shape)} "
+                                   f"/ down {list(down.shape)}", file=self.path, key=mid.key)
+        elif up.shape[1] != down.shape[0] or math.prod(up.shape[2:]) != 1:
+            raise AdapterError(f"rank mismatch: lora_up is {list(up.shape)}, lora_down is "
+                               f"{list(down.shape)}", file=self.path, key=down.key)
+
+    @property
+    def rank(self) -> int:
+        return self.lora_down.shape[0]
+
+    @property
+    def natural_shape(self) -> tuple[int, ...]:
+        o = self.lora_up.shape[0]
+        if self.lora_mid is not None:
+            return (o, self.lora_down.shape[1], *self.lora_mid.shape[2:])
+        d = self.lora_down.shape
+        return (o, *d[1:]) if len(d) > 2 else (o, d[1])
+
+    def factors(self, device="cpu", dtype=torch.float32) -> LoRAFactors:
+        mid = self.lora_mid.load(device, dtype) if self.lora_mid is not None else None
+        return LoRAFactors(self.lora_up.load(device, dtype), self.lora_down.load(device, dtype), mid)
+
+    def _diff(self, device, dtype) -> torch.Tensor:
+        return diff_weight(self.factors(device, dtype)).reshape(self.natural_shape)
+
+    def describe(self) -> dict:
+        return {"mode": "tucker" if self.lora_mid is not None else "flat"}

@@ -1,0 +1,76 @@
+"""`python -m lycoris_core …`: the pack's features for servers and scripts, without ComfyUI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .adapter import load_adapter
+from .errors import AdapterError
+
+
+def format_summary(s: dict) -> str:
+    """Human-readable report of `Adapter.summary()` (also the loader nodes' report)."""
+    kv = lambda d: ", ".join(f"{k}: {v}" for k, v in d.items()) or "-"  # noqa: E731
+    lines = [
+        f"file: {s['file']}",
+        f"architecture: {s['architecture']}",
+        f"modules: {s['modules']} ({kv(s['algorithms'])})",
+        f"rank: {kv(s['ranks'])}",
+        f"alpha: {kv(s['alphas'])}",
+        f"modes: {kv(s['modes'])}",
+    ]
+    if s["lokr_factor"]:
+        lines.append(f"lokr factor: {kv(s['lokr_factor'])}")
+    lines.append(f"matched: {s['matched']} of {s['modules']} ({kv(s['matched_by_component'])})")
+    if s["unmatched"]:
+        shown = ", ".join(s["unmatched"][:10])
+        more = f" … and {len(s['unmatched']) - 10} more" if len(s["unmatched"]) > 10 else ""
+        lines.append(f"UNMATCHED: {len(s['unmatched'])}: {shown}{more}")
+    if s["unknown_keys"]:
+        lines.append(f"ignored keys: {len(s['unknown_keys'])} (e.g. {', '.join(s['unknown_keys'][:3])})")
+    if s["network_args"]:
+        lines.append(f"network_args: {json.dumps(s['network_args'])}")
+    for k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
+              "modelspec.architecture", "modelspec.title"):
+        if k in s["metadata"]:
+            lines.append(f"{k}: {s['metadata'][k]}")
+    return "\n".join(lines)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    adapter = load_adapter(args.file)
+    summary = adapter.summary()
+    if args.json:
+        print(json.dumps(summary, indent=2, sort_keys=True))
+    else:
+        print(format_summary(summary))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m lycoris_core",
+                                description="LoHa/LoKr/LoRA adapter tools (no ComfyUI needed).")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    ins = sub.add_parser("inspect", help="algorithms, ranks, modes, architecture, metadata")
+    ins.add_argument("file")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except AdapterError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2

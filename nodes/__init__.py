@@ -1,0 +1,3 @@
+"""ComfyUI nodes of the pack, one module per capability. `NODES` is what the extension registers."""
+
+NODES: list = []

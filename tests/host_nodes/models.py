@@ -1,0 +1,109 @@
+"""Small real-architecture models built from ComfyUI 0.3.75's own classes (test host only).
+
+- tiny SDXL: `model_base.SDXL` with 32 channels: the real SDXL key names, fast sampling.
+- golden SDXL: 320 channels, channel_mult [1, 2, 2], transformer depth 2 only where the golden
+  fixtures sit, so every golden SDXL module patches a layer of its real full size.
+- tiny / golden DiT: Cosmos-Predict2 `MiniTrainDIT` (the DiT that Anima extends), same block naming.
+- tiny SDXL CLIP: CLIP-L + CLIP-G of hidden size 32 with the real tokenizer.
+ComfyUI's ops leave weights uninitialised, so every parameter is filled from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _fill(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.02 * torch.randn(p.shape, generator=g, dtype=torch.float32))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=torch.float32))
+
+
+def _patcher(model):
+    import comfy.model_management as mm
+    import comfy.model_patcher
+
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
+SDXL_VARIANTS = {
+    # model_channels, channel_mult, transformer_depth, depth_output, depth_middle, head channels
+    "tiny": (32, [1, 2, 4], [0, 0, 1, 1, 2, 2], [0, 0, 0, 1, 1, 1, 2, 2, 2], 1, 16),
+    "golden": (320, [1, 2, 2], [0, 0, 2, 2, 0, 0], [0, 0, 0, 2, 2, 2, 0, 0, 0], 0, 64),
+}
+CONTEXT_DIM = 64        # tiny CLIP-L (32) + tiny CLIP-G (32), concatenated
+POOLED_DIM = 32         # tiny CLIP-G projection
+ADM_IN = POOLED_DIM + 6 * 256  # SDXL's adm: pooled + 6 size embeddings of 256
+
+
+def sdxl_model(variant: str = "tiny", seed: int = 0):
+    """A `ModelPatcher` over `model_base.SDXL` with real SDXL key names."""
+    import comfy.supported_models
+
+    mc, mult, td, tdo, tdm, head = SDXL_VARIANTS[variant]
+    unet_config = {
+        "use_checkpoint": False, "image_size": 32, "out_channels": 4,
+        "use_spatial_transformer": True, "legacy": False, "num_classes": "sequential",
+        "adm_in_channels": ADM_IN, "dtype": torch.float32, "in_channels": 4,
+        "model_channels": mc, "num_res_blocks": [2] * len(mult), "transformer_depth": td,
+        "channel_mult": mult, "transformer_depth_middle": tdm, "use_linear_in_transformer": True,
+        "context_dim": CONTEXT_DIM, "num_head_channels": head, "transformer_depth_output": tdo,
+        "use_temporal_attention": False, "use_temporal_resblock": False,
+    }
+    cfg = comfy.supported_models.SDXL(unet_config)
+    cfg.unet_config["num_head_channels"] = head
+    model = cfg.get_model({}, device="cpu")
+    _fill(model.diffusion_model, seed)
+    return _patcher(model)
+
+
+DIT_VARIANTS = {
+    # model_channels, blocks, heads, adaln_lora_dim, cross-attention width
+    "tiny": (64, 2, 4, 16, 32),
+    "golden": (2048, 1, 16, 256, 32),
+}
+
+
+def dit_model(variant: str = "tiny", seed: int = 0):
+    """A `ModelPatcher` over Cosmos-Predict2's `MiniTrainDIT` (Anima's block naming)."""
+    import comfy.supported_models
+
+    mc, blocks, heads, lora_dim, cross = DIT_VARIANTS[variant]
+    unet_config = {
+        "image_model": "cosmos_predict2", "max_img_h": 64, "max_img_w": 64, "max_frames": 1,
+        "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
+        "model_channels": mc, "concat_padding_mask": True, "crossattn_emb_channels": cross,
+        "pos_emb_cls": "rope3d", "pos_emb_learnable": True, "pos_emb_interpolation": "crop",
+        "min_fps": 1, "max_fps": 30, "use_adaln_lora": True, "adaln_lora_dim": lora_dim,
+        "num_blocks": blocks, "num_heads": heads, "extra_per_block_abs_pos_emb": False,
+        "rope_h_extrapolation_ratio": 1.0, "rope_w_extrapolation_ratio": 1.0,
+        "rope_t_extrapolation_ratio": 1.0, "extra_h_extrapolation_ratio": 1.0,
+        "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
+        "rope_enable_fps_modulation": False, "dtype": torch.float32,
+    }
+    cfg = comfy.supported_models.CosmosT2IPredict2(unet_config)
+    model = cfg.get_model({}, device="cpu")
+    _fill(model.diffusion_model, seed)
+    return _patcher(model)
+
+
+def sdxl_clip(seed: int = 0):
+    """A real `comfy.sd.CLIP` holding `SDXLClipModel` (CLIP-L + CLIP-G) at hidden size 32."""
+    import comfy.sd
+    import comfy.sdxl_clip
+    import comfy.supported_models_base
+
+    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2,
+             "num_hidden_layers": 3, "projection_dim": POOLED_DIM}
+    options = {"clip_l_model_config": dict(small), "clip_g_model_config": dict(small),
+               "dtype": torch.float32}
+    target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer,
+                                                    comfy.sdxl_clip.SDXLClipModel)
+    clip = comfy.sd.CLIP(target=target, model_options=options)
+    _fill(clip.cond_stage_model, seed)
+    return clip
