@@ -50,16 +50,27 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m lycoris_core",
-                                description="LoHa/LoKr/LoRA adapter tools (no ComfyUI needed).")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_inspect_cli(sub) -> None:
     ins = sub.add_parser("inspect", help="algorithms, ranks, modes, architecture, metadata")
     ins.add_argument("file")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(func=cmd_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Each feature module contributes its subcommand through an `add_cli(subparsers)` function."""
+    p = argparse.ArgumentParser(prog="python -m lycoris_core",
+                                description="LoHa/LoKr/LoRA adapter tools (no ComfyUI needed).")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add_cli in _subcommands():
+        add_cli(sub)
     return p
+
+
+def _subcommands() -> list:
+    """The `add_cli` of every feature module, in help order (imported here to keep start-up lazy)."""
+    return [add_inspect_cli]
 
 
 def main(argv: list[str] | None = None) -> int:
