@@ -13,8 +13,8 @@ COMFY="$ROOT/.cache/comfyui-0.3.75"
 STAMP="$VENV/.bootstrap-$(cat requirements-test.txt scripts/bootstrap.sh | sha256sum | cut -c1-16)"
 
 if [ ! -f "$STAMP" ]; then
-  echo "[bootstrap] creating $VENV"
-  "$PY" -m venv "$VENV"
+  echo "[bootstrap] installing the environment into $VENV"
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   # torch first, so that nothing below pulls another build (see shared TEST-HOST notes).
   "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1

@@ -145,6 +145,13 @@ class AdapterModule:
         refs = self.refs()
         return next(iter(refs.values())).key if refs else self.name
 
+    def raw_delta(self, dtype: torch.dtype = torch.float32, *,
+                  shape: tuple[int, ...] | None = None,
+                  device: str | torch.device = "cpu") -> torch.Tensor:
+        """scale · ΔW without the DoRA rescale, in float32 (float64 if asked), cast to `dtype`."""
+        cdt = compute_dtype(dtype)
+        return (self._diff(device, cdt) * self.scale).reshape(self.resolved_shape(shape)).to(dtype)
+
     def delta(self, dtype: torch.dtype = torch.float32, *, shape: tuple[int, ...] | None = None,
               base: torch.Tensor | None = None,
               device: str | torch.device | None = None) -> torch.Tensor:
@@ -158,14 +165,13 @@ class AdapterModule:
             shape = tuple(base.shape)
             device = base.device if device is None else device
         device = device if device is not None else "cpu"
+        if self.dora_ref is not None and base is None:
+            raise AdapterError(
+                "DoRA module: its change depends on the base weight values; pass the weight "
+                "tensor, not only its shape", file=self.path, key=self.dora_ref.key)
         cdt = compute_dtype(dtype)
-        target = self.resolved_shape(shape)
-        dw = (self._diff(device, cdt) * self.scale).reshape(target)
+        dw = self.raw_delta(cdt, shape=shape, device=device)
         if self.dora_ref is not None:
-            if base is None:
-                raise AdapterError(
-                    "DoRA module: its change depends on the base weight values; pass the weight "
-                    "tensor, not only its shape", file=self.path, key=self.dora_ref.key)
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
         return dw.to(dtype)

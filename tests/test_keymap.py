@@ -1,0 +1,102 @@
+"""Module names resolve against real model key sets — never by string guessing."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lycoris_core as lc
+from lycoris_core.keymap import KeyMap, block_of, component_of, detect_architecture
+
+
+@pytest.fixture(scope="module")
+def targets(fixtures_dir):
+    return json.loads((fixtures_dir / "sdscripts_targets.json").read_text())
+
+
+@pytest.mark.parametrize("arch, n", [("sdxl", 1052), ("anima", 536)])
+def test_every_sdscripts_target_resolves(targets, arch, n):
+    modules = targets[arch]["modules"]
+    assert len(modules) == n
+    man = lc.manifest(arch)
+    km = KeyMap(man)
+    res = km.resolve_all(modules)
+    assert res.unmatched == [] and res.ambiguous == {}
+    for name, rec in modules.items():
+        assert res.matched[name] == rec["comfyui_key"], name
+        assert tuple(man[rec["comfyui_key"]]) == tuple(rec["weight_shape"])
+
+
+def test_component_counts(targets):
+    km = KeyMap(lc.manifest("anima"))
+    res = km.resolve_all(targets["anima"]["modules"])
+    assert res.by_component() == {"dit": 280, "llm_adapter": 60, "qwen3_06b": 196}
+    km = KeyMap(lc.manifest("sdxl"))
+    res = km.resolve_all(targets["sdxl"]["modules"])
+    assert res.by_component() == {"unet": 788, "clip_l": 72, "clip_g": 192}
+
+
+def test_comfyui_and_lycoris_spellings():
+    km = KeyMap(lc.manifest("anima"))
+    q = "qwen3_06b.transformer.model.layers.3.mlp.down_proj.weight"
+    assert km.resolve("lora_te_layers_3_mlp_down_proj") == q
+    assert km.resolve("lora_te1_layers_3_mlp_down_proj") == q  # lycoris.kohya's Anima TE naming
+    assert km.resolve("text_encoders.qwen3_06b.transformer.model.layers.3.mlp.down_proj") == q
+    k = "diffusion_model.blocks.0.adaln_modulation_self_attn.1.weight"
+    assert km.resolve("lora_unet_blocks_0_adaln_modulation_self_attn_1") == k
+    assert km.resolve("diffusion_model.blocks.0.adaln_modulation_self_attn.1") == k
+    assert km.resolve("lycoris_blocks_0_adaln_modulation_self_attn_1") == k
+    assert km.resolve("lora_unet_t_embedder_1_linear_1") == "diffusion_model.t_embedder.1.linear_1.weight"
+    assert km.resolve("lora_unet_blocks_0_self_attn_q") is None  # a prefix of a real name is no match
+    sd = KeyMap(lc.manifest("sdxl"))
+    assert sd.resolve("lora_te2_text_model_encoder_layers_31_mlp_fc2") == \
+        "clip_g.transformer.text_model.encoder.layers.31.mlp.fc2.weight"
+    assert sd.resolve("lora_te1_text_model_encoder_layers_0_self_attn_out_proj") == \
+        "clip_l.transformer.text_model.encoder.layers.0.self_attn.out_proj.weight"
+
+
+def test_ambiguous_names_are_reported_not_guessed():
+    km = KeyMap(["diffusion_model.a_b.c.weight", "diffusion_model.a.b_c.weight"])
+    res = km.resolve_all(["lora_unet_a_b_c", "diffusion_model.a.b_c"])
+    assert res.matched == {"diffusion_model.a.b_c": "diffusion_model.a.b_c.weight"}
+    assert res.ambiguous == {"lora_unet_a_b_c": ["diffusion_model.a.b_c.weight", "diffusion_model.a_b.c.weight"]}
+    assert "lora_unet_a_b_c" in res.unmatched
+
+
+def test_detect_architecture():
+    assert detect_architecture(lc.manifest("sdxl")) == "sdxl"
+    assert detect_architecture(lc.manifest("anima")) == "anima"
+    dit_only = [k for k in lc.manifest("anima") if k.startswith("diffusion_model.blocks.")]
+    assert detect_architecture(dit_only) == "cosmos_predict2"
+    assert detect_architecture(["foo.weight"]) == "unknown"
+
+
+def test_blocks_and_components():
+    assert block_of("diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight") == "input_blocks.4"
+    assert block_of("diffusion_model.middle_block.1.proj_in.weight") == "middle_block"
+    assert block_of("diffusion_model.blocks.27.mlp.layer1.weight") == "blocks.27"
+    assert block_of("diffusion_model.llm_adapter.blocks.0.mlp.0.weight") == "llm_adapter"
+    assert block_of("diffusion_model.t_embedder.1.linear_1.weight") == "other"
+    assert block_of("clip_g.transformer.text_model.encoder.layers.0.mlp.fc1.weight") == "clip_g"
+    assert component_of("diffusion_model.llm_adapter.out_proj.weight") == "llm_adapter"
+
+
+def test_two_spellings_of_one_module_is_an_error():
+    key = "diffusion_model.blocks.0.mlp.layer1.weight"
+    t = {
+        "lora_unet_blocks_0_mlp_layer1.lora_up.weight": torch.zeros(8, 2),
+        "lora_unet_blocks_0_mlp_layer1.lora_down.weight": torch.zeros(2, 4),
+        "diffusion_model.blocks.0.mlp.layer1.lora_up.weight": torch.zeros(8, 2),
+        "diffusion_model.blocks.0.mlp.layer1.lora_down.weight": torch.zeros(2, 4),
+    }
+    ad = lc.adapter_from_tensors(t, name="twice.safetensors")
+    with pytest.raises(lc.AdapterError, match="two spellings") as e:
+        lc.delta_weights(ad, {key: (8, 4)})
+    assert "twice.safetensors" in str(e.value)
+
+
+def test_guess_architecture_of_files(fixtures_dir):
+    assert lc.load_adapter(fixtures_dir / "anima_lokr_llm_adapter.safetensors").guess_architecture()[0] == "anima"
+    assert lc.load_adapter(fixtures_dir / "loha_conv_tucker.safetensors").guess_architecture()[0] == "sdxl"
