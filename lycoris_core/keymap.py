@@ -14,6 +14,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .diffusers_unet import ldm_to_diffusers
 from .naming import underscored
 
 # Where each text encoder's layer path starts inside ComfyUI's key, and how sd-scripts prefixes it.
@@ -101,6 +102,14 @@ class KeyMap:
                 continue
             for alias in self._aliases(key, te_names):
                 index[alias].add(key)
+        if self.architecture in ("sdxl", "sd_unet"):
+            unet = {k[len("diffusion_model."):-len(".weight")]: k for k in self.keys
+                    if k.startswith("diffusion_model.") and k.endswith(".weight")}
+            for path, diff in ldm_to_diffusers(unet).items():
+                # diffusers-trained adapters: kohya-style, LyCORIS/SimpleTuner and PEFT spellings
+                for alias in ("lora_unet_" + underscored(diff), "lycoris_" + underscored(diff),
+                              "unet." + diff, diff):
+                    index[alias].add(unet[path])
         self._index = dict(index)
 
     @staticmethod
