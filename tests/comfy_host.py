@@ -52,8 +52,11 @@ def boot(base_dir: Path) -> Host:
     import execution
     import nodes
 
-    logging.getLogger().setLevel(logging.WARNING)
+    # ComfyUI logs the optional builtin nodes it cannot import (audio: no torchaudio here) with
+    # full tracebacks; they are not used by the pack or its tests.
+    logging.getLogger().setLevel(logging.ERROR)
     asyncio.run(nodes.init_builtin_extra_nodes())
+    logging.getLogger().setLevel(logging.WARNING)
     for path in (ROOT, ROOT / "tests" / "host_nodes"):
         if not asyncio.run(nodes.load_custom_node(str(path), module_parent="custom_nodes")):
             raise RuntimeError(f"ComfyUI could not load the node pack at {path}")
@@ -89,12 +92,11 @@ class RunResult:
     execution_error: dict | None = None
     executor: object = None
     ui: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)  # node id → output values, taken right after the run
 
     def outputs(self, node_id: str) -> list:
-        """The output values of a node, as the executor cached them (first batch entry)."""
-        entry = self.executor.caches.outputs.get(str(node_id))
-        out = entry.outputs if hasattr(entry, "outputs") else entry
-        return [v[0] if isinstance(v, list) and v else v for v in out]
+        """The output values of a node in this run (first batch entry of each output)."""
+        return self.values[str(node_id)]
 
 
 class Executor:
@@ -116,5 +118,12 @@ class Executor:
         self.executor.execute(prompt, prompt_id, {}, valid[2])
         err = next((d for ev, d in self.executor.status_messages if ev == "execution_error"), None)
         ui = getattr(self.executor, "history_result", {}).get("outputs", {})
+        values = {}
+        for node_id in prompt:
+            entry = self.executor.caches.outputs.get(str(node_id))
+            if entry is None:
+                continue
+            out = entry.outputs if hasattr(entry, "outputs") else entry
+            values[str(node_id)] = [v[0] if isinstance(v, list) and v else v for v in out]
         return RunResult(self.executor.success and err is None, node_errors=valid[3],
-                         execution_error=err, executor=self.executor, ui=ui)
+                         execution_error=err, executor=self.executor, ui=ui, values=values)

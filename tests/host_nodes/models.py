@@ -14,13 +14,18 @@ import torch
 
 
 def _fill(module: torch.nn.Module, seed: int) -> None:
+    """Seeded values at the usual init scale (std 1/√fan_in for matrices), so activations and
+    model outputs are O(1) and an adapter visibly changes what the sampler produces."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
             if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.02 * torch.randn(p.shape, generator=g, dtype=torch.float32))
+                p.copy_(1.0 + 0.02 * noise)
+            elif p.dim() >= 2:
+                p.copy_(noise / max(1, p[0].numel()) ** 0.5)
             else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g, dtype=torch.float32))
+                p.copy_(0.02 * noise)
 
 
 def _patcher(model):
