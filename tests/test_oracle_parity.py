@@ -180,3 +180,27 @@ def test_factorization_table():
     for dim in range(1, 400):
         for fac in (-1, 2, 3, 4, 8, 16, 7):
             assert factorization(dim, fac) == ly_general.factorization(dim, fac), (dim, fac)
+
+
+def test_lycoris_merge_path_scales_twice():
+    """SPEC §5: lycoris 4.1.3's `get_diff_weight`/`get_merged_weight` apply alpha/R twice; its forward
+    pass is right. We match the forward; the merge helpers are off by exactly the scale (0.5 here)."""
+    from lycoris.modules.lokr import LokrModule
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(640, 320, bias=False).double()
+    mod = LokrModule("lora_unet_x", layer, lora_dim=4, alpha=2, decompose_both=True).double()
+    with torch.no_grad():
+        for p in mod.parameters():
+            if p is not layer.weight:
+                p.normal_()
+    mod.apply_to()
+    f = lokr.LoKrFactors(w1_a=mod.lokr_w1_a.detach(), w1_b=mod.lokr_w1_b.detach(),
+                         w2_a=mod.lokr_w2_a.detach(), w2_b=mod.lokr_w2_b.detach())
+    ours = lokr.diff_weight(f, 2 / 4)
+    x = rnd(5, 640, dtype=torch.float64)
+    with torch.no_grad():
+        forward_delta = mod.forward(x) - x @ layer.weight.T
+        merged = mod.get_merged_weight()[0] - layer.weight
+    assert rel_err(x @ ours.T, forward_delta) < 1e-10      # forward: same as ours
+    assert rel_err(merged, 0.5 * ours) < 1e-10              # merge: scale applied twice
