@@ -83,8 +83,9 @@ class AdapterModule:
         """The shape ΔW comes out in before reshaping to the layer (conv-flat stays 2-D)."""
         raise NotImplementedError  # pragma: no cover
 
-    def _diff(self, device: str | torch.device, dtype: torch.dtype) -> torch.Tensor:
-        """Unscaled ΔW in `natural_shape`."""
+    def _diff(self, device: str | torch.device, dtype: torch.dtype,
+              scale: float = 1.0) -> torch.Tensor:
+        """scale · ΔW in `natural_shape` (the scale is applied to a factor, not to ΔW)."""
         raise NotImplementedError  # pragma: no cover
 
     def describe(self) -> dict:
@@ -139,6 +140,12 @@ class AdapterModule:
             raise AdapterError(
                 f"module '{self.name}' makes a {list(nat)} change, the layer weight is {list(shape)}",
                 file=self.path, key=self._first_key())
+        if self.dora_ref is not None:  # one magnitude per output row, or (1, I) per input column
+            n, d = math.prod(self.dora_ref.shape), self.dora_ref.shape
+            if n != shape[0] and not (d and d[0] == 1 and n == shape[1]):
+                raise AdapterError(f"dora_scale {list(d)} fits neither the {shape[0]} output rows nor "
+                                   f"the {shape[1]} input columns of {list(shape)}",
+                                   file=self.path, key=self.dora_ref.key)
         return shape
 
     def _first_key(self) -> str:
@@ -150,7 +157,7 @@ class AdapterModule:
                   device: str | torch.device = "cpu") -> torch.Tensor:
         """scale · ΔW without the DoRA rescale, in float32 (float64 if asked), cast to `dtype`."""
         cdt = compute_dtype(dtype)
-        return (self._diff(device, cdt) * self.scale).reshape(self.resolved_shape(shape)).to(dtype)
+        return self._diff(device, cdt, self.scale).reshape(self.resolved_shape(shape)).to(dtype)
 
     def delta(self, dtype: torch.dtype = torch.float32, *, shape: tuple[int, ...] | None = None,
               base: torch.Tensor | None = None,
@@ -174,6 +181,11 @@ class AdapterModule:
         if self.dora_ref is not None:
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
+        # one cheap pass (NaN/Inf anywhere → sum NaN/Inf); confirm entry-wise, since a sum of
+        # finite entries can itself overflow
+        if not math.isfinite(dw.sum().item()) and not bool(torch.isfinite(dw).all()):
+            raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
+                               "large", file=self.path, key=self._first_key())
         return dw.to(dtype)
 
 
