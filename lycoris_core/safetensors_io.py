@@ -13,7 +13,7 @@ import math
 import os
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,6 +205,21 @@ def load_tensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     return f.get_many(f.keys()), dict(f.metadata)
 
 
+def _commit(tmp: str, dst: Path, overwrite: bool) -> None:
+    """Move a complete, fsynced temporary file into place; never clobbers unless `overwrite`."""
+    if overwrite:
+        os.replace(tmp, dst)
+        return
+    try:  # link fails if dst appeared meanwhile: no clobbering even under a race
+        os.link(tmp, dst)
+    except FileExistsError:
+        raise FileExistsError(f"{dst} exists; refusing to overwrite it") from None
+    except OSError:  # filesystems without hard links
+        if dst.exists():
+            raise FileExistsError(f"{dst} exists; refusing to overwrite it") from None
+        os.replace(tmp, dst)
+
+
 def save_safetensors(
     tensors: Mapping[str, torch.Tensor],
     path: str | os.PathLike,
@@ -229,25 +244,13 @@ def save_safetensors(
         save_file(clean, tmp, metadata=meta)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, dst)
-        else:
-            try:  # link fails if dst appeared meanwhile: no clobbering even under a race
-                os.link(tmp, dst)
-            except FileExistsError:
-                raise FileExistsError(f"{dst} exists; refusing to overwrite it") from None
-            except OSError:  # filesystems without hard links
-                if dst.exists():
-                    raise FileExistsError(f"{dst} exists; refusing to overwrite it") from None
-                os.replace(tmp, dst)
+        _commit(tmp, dst, overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.debug("wrote %s (%d tensors)", dst, len(clean))
     return dst
 
-
-from collections.abc import Iterable, Sequence  # noqa: E402  (appended streaming writer's imports)
 
 ST_DTYPE_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPES.items()}
 """torch dtype → safetensors dtype name (the ones `save_safetensors_streaming` writes)."""
@@ -304,17 +307,7 @@ def save_safetensors_streaming(
                 raise ValueError("more tensors streamed than the header lists")
             fh.flush()
             os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, dst)
-        else:
-            try:  # no clobbering even if dst appeared meanwhile
-                os.link(tmp, dst)
-            except FileExistsError:
-                raise FileExistsError(f"{dst} exists; refusing to overwrite it") from None
-            except OSError:
-                if dst.exists():
-                    raise FileExistsError(f"{dst} exists; refusing to overwrite it") from None
-                os.replace(tmp, dst)
+        _commit(tmp, dst, overwrite)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
