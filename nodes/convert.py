@@ -8,7 +8,6 @@ returns the per-file report.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import comfy.utils
@@ -22,6 +21,7 @@ from ..lycoris_core.convert import (
     format_report,
     iter_adapter_files,
 )
+from .outputs import output_file
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -44,11 +44,8 @@ REPORT_TOOLTIP = "One line per file: converted (to which output), skipped or fai
 
 def _output_path(output_folder: str, rel: Path) -> Path:
     """`<output>/<output_folder>/<rel dir>/<stem>_<counter>_.safetensors`, inside the output folder."""
-    prefix = os.path.join(output_folder, str(rel.parent), rel.stem) if str(rel.parent) != "." \
-        else os.path.join(output_folder, rel.stem)
-    full_folder, filename, counter, _, _ = folder_paths.get_save_image_path(
-        prefix, folder_paths.get_output_directory())
-    return Path(full_folder) / f"{filename}_{counter:05}_.safetensors"
+    parts = [output_folder] if str(rel.parent) == "." else [output_folder, rel.parent.as_posix()]
+    return output_file("/".join([*parts, rel.stem]))
 
 
 def _file_stats(paths: list[Path]) -> tuple:

@@ -7,7 +7,6 @@ with counters (never over an existing file) and every node returns a text report
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import comfy.utils
 import folder_paths
@@ -17,6 +16,7 @@ from ..lycoris_core import load_adapter
 from ..lycoris_core.bake import bake_state_dict
 from ..lycoris_core.merge import DTYPES, FORMATS, FactorSpec, MergeResult, merge_adapters, save_result
 from ..lycoris_core.resize import resize_adapter
+from .outputs import output_file
 
 NONE = "None"
 SLOTS = 4
@@ -30,13 +30,6 @@ def _loras(optional: bool) -> list[str]:
 
 def _lora_path(name: str) -> str:
     return folder_paths.get_full_path_or_raise("loras", name)
-
-
-def _output_file(prefix: str) -> Path:
-    """`<output>/<prefix>_<counter>_.safetensors`; ComfyUI refuses prefixes leaving the folder."""
-    folder, name, counter, _, _ = folder_paths.get_save_image_path(
-        prefix, folder_paths.get_output_directory())
-    return Path(folder) / f"{name}_{counter:05}_.safetensors"
 
 
 def _progress() -> callable:
@@ -146,7 +139,7 @@ def _outputs() -> list:
 
 
 def _finish(result: MergeResult, prefix: str) -> io.NodeOutput:
-    path = save_result(result, _output_file(prefix))
+    path = save_result(result, output_file(prefix))
     text = result.report(path)
     return io.NodeOutput(text, str(path), ui=ui.PreviewText(text))
 
@@ -236,7 +229,7 @@ class BakeLyCORIS(io.ComfyNode):
         out = {"model." + k: v for k, v in state.items()}  # ComfyUI's checkpoint prefix
         key_of = {"model." + k: k for k in state}
         dtype = None if save_dtype == "keep" else DTYPES[save_dtype]
-        report = bake_state_dict(out, key_of, adapters, _output_file(filename_prefix),
+        report = bake_state_dict(out, key_of, adapters, output_file(filename_prefix),
                                  save_dtype=dtype, progress=_progress())
         text = report.report()
         if getattr(model, "patches", None):
