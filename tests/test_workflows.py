@@ -1,0 +1,118 @@
+"""Every example workflow (example_workflows/*.json, UI format, as ComfyUI's template browser shows
+them) converts to an API prompt that ComfyUI's own `execution.validate_prompt` accepts as it is,
+and runs on the tiny models (checkpoint loader → LycorisTestModel, few steps) with real results.
+
+The files a user would have (checkpoint, adapters, a training image) are put in the host's folders
+under the names the workflows use; the adapters are small real LoKr/LoHa files for the tiny SDXL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from test_loaders_common import make_adapter
+from ui_workflows import EXAMPLES, load_example, on_tiny_models, tiny_sdxl_shapes, ui_to_api
+
+import lycoris_core as lc
+
+WORKFLOWS = ["lycoris_load", "lycoris_strength_schedule", "lycoris_merge", "lycoris_convert",
+             "lycoris_train"]
+UNET_KEYS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
+             "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
+CONVERT_SOURCE = "sdxl_lokr_sdscripts.safetensors"
+ADAPTERS = {"example_lokr.safetensors": "lokr", "example_loha.safetensors": "loha"}
+TINY = {"KSampler": {"steps": 2}, "TrainLyCORIS": {"steps": 3, "lr_warmup_steps": 1, "training_dtype": "fp32",
+                                                   "save_every_n_steps": 0}}
+
+
+@pytest.fixture(scope="module")
+def user_files(host, fixtures_dir):
+    """The checkpoint name (validation only checks that it is listed), the adapters, the image."""
+    base = host.base_dir
+    # conversion resolves names against the full-size SDXL: a real-shape sd-scripts LoKr file
+    shutil.copyfile(fixtures_dir / "lokr_linear_default_factor.safetensors",
+                    base / "models" / "loras" / CONVERT_SOURCE)
+    (base / "models" / "checkpoints" / "sd_xl_base_1.0.safetensors").touch()
+    shapes = tiny_sdxl_shapes(UNET_KEYS)
+    for i, (name, algo) in enumerate(ADAPTERS.items()):
+        path = base / "models" / "loras" / name
+        if not path.exists():
+            tensors, _ = make_adapter(shapes, algo, rank=4, alpha=2.0, seed=11 + i)
+            lc.save_safetensors(tensors, path, {"ss_network_module": f"networks.{algo}",
+                                                "ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(base / "input" / "example.png")
+    return base
+
+
+def _classes(host) -> dict:
+    return host.nodes.NODE_CLASS_MAPPINGS
+
+
+def test_one_workflow_per_capability_covering_every_node(host):
+    assert sorted(p.stem for p in EXAMPLES.glob("*.json")) == sorted(WORKFLOWS)
+    used = {n["type"] for name in WORKFLOWS
+            for n in json.loads((EXAMPLES / f"{name}.json").read_text())["nodes"]}
+    pack = {cls.define_schema().node_id for cls in host.pack.nodes.NODES}
+    assert pack - used == set(), f"pack nodes in no example workflow: {sorted(pack - used)}"
+
+
+def test_stale_workflow_is_refused(host):
+    """The converter is strict: a widget value too many or too few is an error, not a guess."""
+    wf = json.loads((EXAMPLES / "lycoris_merge.json").read_text())
+    node = next(n for n in wf["nodes"] if n["type"] == "MergeLyCORIS")
+    node["widgets_values"].append(1.0)
+    with pytest.raises(ValueError, match="unused widget values"):
+        ui_to_api(wf, _classes(host))
+    node["widgets_values"] = node["widgets_values"][:-3]
+    with pytest.raises(ValueError, match="no widget value"):
+        ui_to_api(wf, _classes(host))
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_validates_in_comfyui(host, user_files, name):
+    prompt = load_example(name, _classes(host))
+    valid = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert valid[0], (valid[1], valid[3])
+    assert valid[2], "no output node would run"
+
+
+def _outputs_dir(host) -> Path:
+    return host.base_dir / "output"
+
+
+def _check(host, res, node: dict, nid: str) -> None:
+    """What each pack node of an example must have produced on the tiny model."""
+    kind, out = node["class_type"], res.outputs(nid)
+    if kind in ("LoadLoKr", "LoadLoHa", "LoadLyCORIS"):
+        # (the tiny files have 2 modules, so block-weight rules for other blocks hit nothing)
+        assert "applied: 2 weights" in out[2] and "NOT applied" not in out[2], out[2]
+    elif kind == "LyCORISStrengthSchedule":
+        assert isinstance(out[2], torch.Tensor) and out[2].ndim == 4 and out[2].shape[-1] == 3
+    elif kind in ("MergeLyCORIS", "ResizeLyCORIS", "BakeLyCORIS", "TrainLyCORIS"):
+        path = Path(out[1])
+        assert path.is_file() and _outputs_dir(host).resolve() in path.resolve().parents, out
+        assert lc.load_adapter(path).modules if kind != "BakeLyCORIS" else path.stat().st_size > 0
+    elif kind == "ConvertLyCORIS" and not node["inputs"]["dry_run"]:
+        assert out[0].startswith(f"converted: {CONVERT_SOURCE} -> ") and " 0 failed" in out[0], out[0]
+        assert list((_outputs_dir(host) / "loras" / "converted").glob("sdxl_lokr_sdscripts_*.safetensors"))
+    elif kind == "BatchConvertLyCORIS":
+        assert CONVERT_SOURCE in out[0], out[0]
+
+
+@pytest.mark.parametrize("name", WORKFLOWS)
+def test_example_runs_on_tiny_models(host, executor, user_files, name):
+    prompt = on_tiny_models(load_example(name, _classes(host)), TINY)
+    res = executor.run(prompt)
+    assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
+    pack = {cls.define_schema().node_id for cls in host.pack.nodes.NODES}
+    checked = [nid for nid, node in prompt.items() if node["class_type"] in pack]
+    assert checked
+    for nid in checked:
+        _check(host, res, prompt[nid], nid)

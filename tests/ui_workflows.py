@@ -1,0 +1,116 @@
+"""UI-format workflows (what ComfyUI's frontend saves and `example_workflows/` holds) → API prompts,
+and their substitution onto the test host's tiny models.
+
+The conversion follows the frontend's rules: `widgets_values` hold one value per widget input in
+the order of the node's input spec (required, then optional); an INT `seed`/`noise_seed` (or any
+input with `control_after_generate`) is followed by its control value, an `image_upload` combo by
+its upload widget's value; an input with a link takes the linked output instead of its widget value.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
+TINY_LATENT = {"width": 64, "height": 64}
+
+
+def input_spec(node_class) -> list[tuple[str, list]]:
+    """[(input name, [type, options])] of a node class, required first (V1 and V3 nodes)."""
+    info = node_class.GET_NODE_INFO_V1()["input"] if hasattr(node_class, "GET_NODE_INFO_V1") \
+        else node_class.INPUT_TYPES()
+    return [(name, list(spec)) for section in ("required", "optional")
+            for name, spec in (info.get(section) or {}).items()]
+
+
+def _is_widget(spec: list) -> bool:
+    opts = spec[1] if len(spec) > 1 else {}
+    return (isinstance(spec[0], list) or spec[0] in WIDGET_TYPES) and not opts.get("forceInput")
+
+
+def _extra_values(name: str, spec: list) -> int:
+    """How many values the frontend stores after this widget's own value (control / upload)."""
+    opts = spec[1] if len(spec) > 1 else {}
+    if opts.get("control_after_generate") or (spec[0] == "INT" and name in ("seed", "noise_seed")):
+        return 1
+    return 1 if opts.get("image_upload") else 0
+
+
+def ui_to_api(workflow: dict, node_classes: dict) -> dict:
+    """API prompt {id: {class_type, inputs}} of a UI workflow; raises ValueError if it is stale."""
+    links = {link[0]: link for link in workflow.get("links", [])}
+    prompt: dict[str, dict] = {}
+    for node in workflow["nodes"]:
+        kind, nid = node["type"], node["id"]
+        if node.get("mode", 0) != 0:
+            raise ValueError(f"node {nid} ({kind}) is muted or bypassed: not supported here")
+        if kind not in node_classes:
+            raise ValueError(f"node {nid}: unknown node type {kind}")
+        linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
+        values = list(node.get("widgets_values") or [])
+        inputs: dict = {}
+        for name, spec in input_spec(node_classes[kind]):
+            if _is_widget(spec):
+                if not values:
+                    raise ValueError(f"node {nid} ({kind}): no widget value for {name!r}")
+                inputs[name] = values.pop(0)
+                del values[:_extra_values(name, spec)]
+            if name in linked:
+                link = linked.pop(name)
+                inputs[name] = [str(link[1]), link[2]]
+        if values or linked:
+            raise ValueError(f"node {nid} ({kind}): unused widget values {values} or links "
+                             f"{sorted(linked)} (workflow older than the node?)")
+        prompt[str(nid)] = {"class_type": kind, "inputs": inputs}
+    return prompt
+
+
+def load_example(name: str, node_classes: dict) -> dict:
+    return ui_to_api(json.loads((EXAMPLES / f"{name}.json").read_text()), node_classes)
+
+
+def _consumers(prompt: dict, nid: str, slot: int | None = None) -> list[str]:
+    return [k for k, n in prompt.items() for v in n["inputs"].values()
+            if isinstance(v, list) and len(v) == 2 and v[0] == nid and (slot is None or v[1] == slot)]
+
+
+def _drop(prompt: dict, nid: str) -> None:
+    """Remove a node and everything downstream of it."""
+    for c in _consumers(prompt, nid):
+        if c in prompt:
+            _drop(prompt, c)
+    prompt.pop(nid, None)
+
+
+def on_tiny_models(prompt: dict, overrides: dict[str, dict] | None = None) -> dict:
+    """The same graph on the test host: checkpoint loaders → LycorisTestModel (tiny SDXL, which has
+    no VAE: VAEDecode and what follows it are dropped, VAEEncode becomes a tiny empty latent of 2),
+    latents 64×64, samplers end in LycorisTestSink; `overrides` {class_type: {input: value}}."""
+    p = json.loads(json.dumps(prompt))
+    for nid, node in list(p.items()):
+        if node["class_type"] != "CheckpointLoaderSimple":
+            continue
+        p[nid] = {"class_type": "LycorisTestModel", "inputs": {"kind": "tiny_sdxl", "seed": 0}}
+        for c in _consumers(p, nid, 2):
+            if p[c]["class_type"] == "VAEEncode":
+                p[c] = {"class_type": "EmptyLatentImage", "inputs": {**TINY_LATENT, "batch_size": 2}}
+            else:
+                _drop(p, c)
+    for nid, node in list(p.items()):
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(TINY_LATENT)
+        node["inputs"].update((overrides or {}).get(node["class_type"], {}))
+        if node["class_type"] == "KSampler" and not _consumers(p, nid):
+            p[f"{nid}_sink"] = {"class_type": "LycorisTestSink", "inputs": {"latent": [nid, 0]}}
+    return p
+
+
+def tiny_sdxl_shapes(keys) -> dict[str, tuple[int, ...]]:
+    """Shapes of weights of the test host's tiny SDXL (built by the test-only node module)."""
+    models = next(m for name, m in sys.modules.items()
+                  if name.endswith("host_nodes.models") and hasattr(m, "sdxl_model"))
+    sd = models.sdxl_model("tiny", 0).model.state_dict()
+    return {k: tuple(sd[k].shape) for k in keys}

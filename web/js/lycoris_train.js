@@ -1,0 +1,53 @@
+// TrainLyCORIS: a live loss chart on the node. The trainer reports each step as ComfyUI progress
+// text ("step N/T  loss X", PromptServer.send_progress_text); this draws the raw loss and its
+// running mean while training runs.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+import { addChartPanel, drawLines, registerNodeExtension } from "./lycoris_panel.js";
+
+const NODE = "TrainLyCORIS";
+const STEP_RE = /step\s+(\d+)\s*\/\s*(\d+)\s+loss\s+([-+0-9.eE]+|nan|inf)/i;
+
+/** {step, total, loss} from a progress text of the trainer, or null. */
+export function parseProgress(text) {
+  const m = STEP_RE.exec(String(text ?? ""));
+  return m ? { step: Number(m[1]), total: Number(m[2]), loss: Number(m[3]) } : null;
+}
+
+/** Exponential running mean (sd-scripts' "avr_loss" idea) of `ys`. */
+function runningMean(ys, beta = 0.9) {
+  let m = null;
+  return ys.map((y) => (m = m === null ? y : beta * m + (1 - beta) * y));
+}
+
+function setupTrainer(node) {
+  const { canvas, caption } = addChartPanel(node, "lycoris_loss", "lycoris-loss-chart", 110);
+  // kept on the node: its id is only known once it is in the graph
+  node.lycorisLossChart = { canvas, caption, steps: [], losses: [] };
+  caption.textContent = "loss: not trained yet";
+  setTimeout(() => drawLines(canvas, [], { title: "loss" }), 0);
+}
+
+function onProgressText(event) {
+  const { nodeId, text } = event.detail ?? {};
+  const chart = app.graph?.getNodeById(nodeId)?.lycorisLossChart;
+  const p = parseProgress(text);
+  if (!chart || !p) return;
+  if (chart.steps.length && p.step <= chart.steps[chart.steps.length - 1]) {
+    chart.steps = [];  // a new run
+    chart.losses = [];
+  }
+  chart.steps.push(p.step);
+  chart.losses.push(p.loss);
+  drawLines(chart.canvas, [
+    { xs: chart.steps, ys: chart.losses, color: "#718096" },
+    { xs: chart.steps, ys: runningMean(chart.losses), color: "#4fd1c5" },
+  ], { title: "loss", xLabel: "step" });
+  chart.caption.textContent = `step ${p.step}/${p.total}  loss ${p.loss.toPrecision(4)}`;
+}
+
+registerNodeExtension("lycoris_nodes.train", [NODE], setupTrainer, {
+  setup() {
+    api.addEventListener("progress_text", onProgressText);
+  },
+});
