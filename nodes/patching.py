@@ -1,0 +1,306 @@
+"""The only place that touches ComfyUI's ModelPatcher: LyCORIS adapters as exact fp32 weight patches.
+
+Each adapted weight gets one `LycorisPatch` (a `comfy.weight_adapter.WeightAdapterBase`, the patch
+kind ComfyUI's `comfy.lora.calculate_weight` dispatches to in 0.3.75 and in current versions).
+ComfyUI calls it when it loads the model for use, fully or in low-VRAM partial mode, with the weight
+to patch. The patch then builds ΔW with `lycoris_core` on that weight's device, in float32, a block
+of output rows at a time, and adds `strength · ΔW` in float32; only the final weight is cast to the
+weight's dtype. Extra memory at any time is one row block of ΔW (DoRA: one ΔW, it needs whole-row
+norms of W0 + ΔW; done with lycoris_core's correct norm, not ComfyUI's, SPEC §5).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+
+import comfy.utils
+import comfy.weight_adapter
+import safetensors.torch
+import torch
+
+from ..lycoris_core import AdapterError, KeyMap, Resolution, adapter_from_tensors, load_adapter
+from ..lycoris_core.adapter import Adapter
+from ..lycoris_core.algos import AdapterModule
+from ..lycoris_core.algos import loha as loha_algo
+from ..lycoris_core.algos import lokr as lokr_algo
+from ..lycoris_core.algos import lora as lora_algo
+from ..lycoris_core.blocks import BlockWeights, parse_block_weights
+
+log = logging.getLogger("lycoris_nodes")
+
+CHUNK_ELEMENTS = 1 << 22
+"""Row blocks of ΔW hold at most this many float32 values (16 MiB) unless one row is larger."""
+CACHE_SIZE = 8
+TE_PREFIXES = ("lora_te", "text_encoders.", "lycoris_te")
+
+
+# --------------------------------------------------------------------------------------------
+# ΔW in row blocks (lycoris_core's pure per-algorithm functions on row slices of the factors)
+# --------------------------------------------------------------------------------------------
+
+def _row_slicer(module: AdapterModule) -> tuple[int, Callable[[object, int, int], object]] | None:
+    """(rows per factor row, slicer(factors, r0, r1) → factors of ΔW rows [r0·u, r1·u)), or None
+    when the layout cannot be split by output rows."""
+    # by `algo`, not isinstance: scripts may import lycoris_core under another package name
+    if module.algo == "loha":
+        if module.tucker:  # w*_a stored transposed (R, O)
+            return 1, lambda f, a, b: replace(f, w1_a=f.w1_a[:, a:b], w2_a=f.w2_a[:, a:b])
+        return 1, lambda f, a, b: replace(f, w1_a=f.w1_a[a:b], w2_a=f.w2_a[a:b])
+    if module.algo == "lokr":
+        if module.lokr_t1 is not None:
+            return None
+        unit = module.w2_shape[0]
+        if module.w1_full:
+            return unit, lambda f, a, b: replace(f, w1=f.w1[a:b])
+        return unit, lambda f, a, b: replace(f, w1_a=f.w1_a[a:b])
+    if module.algo == "lora":
+        return 1, lambda f, a, b: replace(f, up=f.up[a:b])
+    return None
+
+
+_DIFF = {"loha": loha_algo.diff_weight, "lokr": lokr_algo.diff_weight, "lora": lora_algo.diff_weight}
+
+
+def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torch.device,
+                     max_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (r0, r1, ΔW[r0:r1]) in float32 on `device`, at strength 1, covering all output rows.
+
+    ΔW[r0:r1] has shape (r1 − r0, *shape[1:]). Not for DoRA modules (their rows need W0).
+    """
+    shape = module.resolved_shape(shape)
+    row_numel = max(1, int(torch.Size(shape[1:]).numel()))
+    split = _row_slicer(module)
+    if split is None:
+        yield 0, shape[0], module.delta(torch.float32, shape=shape, device=device)
+        return
+    unit, slicer = split
+    factors = module.factors(device, torch.float32)
+    step = max(1, max_elements // (row_numel * unit))
+    n = shape[0] // unit
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        dw = _DIFF[module.algo](slicer(factors, a, b), module.scale)
+        if not bool(torch.isfinite(torch.stack(torch.aminmax(dw))).all()):
+            raise AdapterError(f"module '{module.name}': ΔW overflows float32 (NaN or Inf)",
+                               file=module.path, key=module.name)
+        yield a * unit, b * unit, dw.reshape(((b - a) * unit, *shape[1:]))
+
+
+def _add_rows(weight: torch.Tensor, r0: int, r1: int, dw: torch.Tensor, strength: float,
+              function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """weight[r0:r1] ← weight[r0:r1] + function(strength·dw), summed in float32 (or better)."""
+    rows = weight[r0:r1]
+    if strength != 1.0:
+        dw.mul_(strength)
+    dw = function(dw)
+    if weight.dtype in (torch.float32, torch.float64):
+        rows.add_(dw)
+    else:  # low-VRAM path hands us the fp16/bf16 weight: sum in fp32, cast once
+        dw.add_(rows)
+        rows.copy_(dw)
+
+
+class LycorisPatch(comfy.weight_adapter.WeightAdapterBase):
+    """One adapted weight: ComfyUI asks it for `W + strength·ΔW` (ΔW by lycoris_core, fp32)."""
+
+    name = "lycoris_nodes"
+
+    def __init__(self, module: AdapterModule, key: str):
+        self.module = module
+        self.key = key
+        self.loaded_keys = set(module.refs())
+        self.weights = []  # factors stay in the adapter; nothing for ComfyUI to move
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        """Patch `weight` in place (its device, float32 sums) and return it."""
+        if strength == 0.0:
+            return weight
+        if function is None:
+            function = _identity
+        shape = tuple(weight.shape)
+        with torch.no_grad():  # weight math only; also outside ComfyUI's inference mode
+            if self.module.has_dora:
+                w0 = weight.to(torch.float32)
+                change = self.module.delta(torch.float32, base=w0)  # W' − W0, norm of W0 + ΔW
+                _add_rows(weight, 0, shape[0], change, strength, function)
+                return weight
+            for r0, r1, dw in delta_row_blocks(self.module, shape, weight.device):
+                _add_rows(weight, r0, r1, dw, strength, function)
+        return weight
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# Adapter cache
+# --------------------------------------------------------------------------------------------
+
+_CACHE: OrderedDict[tuple[str, int, int], Adapter] = OrderedDict()
+
+
+def cache_key(path: str) -> tuple[str, int, int]:
+    st = os.stat(path)
+    return os.path.realpath(path), st.st_mtime_ns, st.st_size
+
+
+def cached_adapter(path: str) -> tuple[Adapter, bool]:
+    """The adapter of `path` with its tensors in memory (CPU, stored dtype), and whether it came
+    from the cache. Keyed by real path, mtime and size, so an edited file is read again."""
+    try:
+        key = cache_key(path)
+    except OSError as exc:
+        raise AdapterError(f"cannot read file: {exc.strerror or exc}", file=str(path)) from exc
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        return hit, True
+    checked = load_adapter(path)  # header, dtypes and shapes validated before any data is read
+    refs = {ref.key: ref for m in checked.modules.values() for ref in m.refs().values()}
+    try:  # one open for the whole file (per-key reads reopen it thousands of times)
+        tensors = safetensors.torch.load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types
+        raise AdapterError(f"cannot read tensors ({exc})", file=str(path)) from exc
+    pbar = comfy.utils.ProgressBar(len(checked.modules))
+    for module in checked.modules.values():
+        for ref in module.refs().values():
+            t = tensors.get(ref.key)
+            if t is None or tuple(t.shape) != ref.shape:
+                raise AdapterError("file changed while it was read", file=str(path), key=ref.key)
+            # one pass, no mask: min/max propagate NaN and show ±Inf
+            if t.is_floating_point() and t.numel() and not bool(
+                    torch.isfinite(torch.stack(torch.aminmax(t))).all()):
+                raise AdapterError("tensor holds NaN or Inf values", file=str(path), key=ref.key)
+        pbar.update(1)
+    adapter = adapter_from_tensors({k: tensors[k] for k in refs}, checked.metadata, name=str(path))
+    _CACHE[key] = adapter
+    while len(_CACHE) > CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return adapter, False
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------------
+# Applying a file to MODEL / CLIP
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LoadResult:
+    """What was applied, for the report."""
+
+    path: str
+    summary: dict
+    model_architecture: str
+    resolution: Resolution
+    applied: dict[str, float] = field(default_factory=dict)       # model key → effective strength
+    skipped_te: list[str] = field(default_factory=list)            # TE modules, no CLIP given
+    zero_strength: list[str] = field(default_factory=list)         # matched, strength 0
+    unused_rules: list[str] = field(default_factory=list)
+    block_weights: BlockWeights = field(default_factory=BlockWeights)
+    strength_model: float = 1.0
+    strength_clip: float = 1.0
+    cache_hit: bool = False
+
+    @property
+    def unmatched(self) -> list[str]:
+        skipped = set(self.skipped_te)
+        return [n for n in self.resolution.unmatched if n not in skipped]
+
+
+def _is_te_name(name: str) -> bool:
+    return name.startswith(TE_PREFIXES)
+
+
+def _check_algorithm(adapter: Adapter, expect: str | None, node: str) -> None:
+    if expect is None:
+        return
+    counts = adapter.algorithms()
+    if set(counts) != {expect}:
+        what = ", ".join(f"{n} {algo_label(a)}" for a, n in sorted(counts.items()))
+        raise AdapterError(f"{node} loads {algo_label(expect)} files only; this file holds {what} "
+                           "modules. Use LoadLyCORIS (any algorithm) or the loader for that "
+                           "algorithm.", file=adapter.path)
+
+
+def algo_label(algo: str) -> str:
+    return {"loha": "LoHa", "lokr": "LoKr", "lora": "LoRA/LoCon"}.get(algo, algo)
+
+
+def _no_match_error(adapter: Adapter, arch: str, model_keys: int, has_clip: bool) -> AdapterError:
+    file_arch, _ = adapter.guess_architecture()
+    names = list(adapter.modules)
+    if not has_clip and names and all(_is_te_name(n) for n in names):
+        hint = "it only has text-encoder modules: connect a CLIP"
+    else:
+        hint = f"the file looks like {file_arch}, the model is {arch}"
+    return AdapterError(f"none of its {len(names)} modules matches any of the model's {model_keys} "
+                        f"weights ({hint}); e.g. {names[:3]}. Nothing was applied.",
+                        file=adapter.path)
+
+
+def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: float,
+                  block_weights: str | BlockWeights = "", expect_algo: str | None = None,
+                  node: str = "LoadLyCORIS"):
+    """Clone `model`/`clip` and patch them with the file at `path`. Returns (model, clip, LoadResult).
+
+    Everything is checked (algorithm, key matches, shapes, finite values) before anything is
+    cloned, so an error leaves the inputs untouched. Strength 0 returns the inputs themselves.
+    """
+    bw = block_weights if isinstance(block_weights, BlockWeights) else parse_block_weights(block_weights)
+    adapter, hit = cached_adapter(path)
+    _check_algorithm(adapter, expect_algo, node)
+
+    unet_sd = model.model.state_dict() if model is not None else {}
+    clip_sd = clip.cond_stage_model.state_dict() if clip is not None else {}
+    keymap = KeyMap(list(unet_sd) + list(clip_sd))
+    res = adapter.resolve(keymap)
+    shapes = {**{k: tuple(v.shape) for k, v in unet_sd.items()},
+              **{k: tuple(v.shape) for k, v in clip_sd.items()}}
+    for name, key in res.matched.items():
+        adapter.modules[name].resolved_shape(shapes[key])  # raises naming file and key
+    result = LoadResult(path=str(path), summary=adapter.summary(keymap), resolution=res,
+                        model_architecture=keymap.architecture, block_weights=bw,
+                        strength_model=strength_model, strength_clip=strength_clip, cache_hit=hit)
+    if clip is None:
+        result.skipped_te = [n for n in res.unmatched if _is_te_name(n)]
+    active = (strength_model != 0.0 and model is not None) or (strength_clip != 0.0 and clip is not None)
+    if not res.matched and active:
+        raise _no_match_error(adapter, keymap.architecture, len(keymap.keys), clip is not None)
+
+    groups: dict[tuple[str, float], dict[str, LycorisPatch]] = {}
+    used_rules: set[str] = set()
+    for name, key in res.matched.items():
+        is_model = key in unet_sd
+        rule = bw.rule_for(key)
+        if rule is not None:
+            used_rules.add(rule)
+        s = (strength_model if is_model else strength_clip) * bw.multiplier(key)
+        if s == 0.0:
+            result.zero_strength.append(name)
+            continue
+        result.applied[key] = s
+        groups.setdefault(("model" if is_model else "clip", s), {})[key] = LycorisPatch(
+            adapter.modules[name], key)
+    # a block rule the user wrote that touches no module is worth a warning (groups are not)
+    result.unused_rules = [item for item, blocks in bw.named if not used_rules.intersection(blocks)]
+
+    new_model = model.clone() if model is not None and any(t == "model" for t, _ in groups) else model
+    new_clip = clip.clone() if clip is not None and any(t == "clip" for t, _ in groups) else clip
+    for (target, s), patches in groups.items():
+        patcher = new_model if target == "model" else new_clip
+        added = patcher.add_patches(patches, s)
+        if len(added) != len(patches):  # cannot happen: keys come from the same state dicts
+            missing = sorted(set(patches) - set(added))
+            raise AdapterError(f"ComfyUI refused {len(missing)} patches, e.g. {missing[:3]}",
+                               file=str(path), key=missing[0])
+    return new_model, new_clip, result
+
