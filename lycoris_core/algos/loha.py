@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AdapterError
+from . import buffers
 from .base import AdapterModule, TensorRef
 
 
@@ -28,21 +29,61 @@ class LoHaFactors:
     t2: torch.Tensor | None = None
 
 
+_BLOCK_BYTES = 1 << 19
+"""Row blocks of the two products are this size (fits the L2 cache), so ΔW is written once."""
+
+
+def tucker_inner(t: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
+    """Core (R, R', k, k) contracted with w_b (R', I) → (R, I·k·k), ready for `w_a.T @ ·`."""
+    return torch.einsum("i j ..., j r -> i r ...", t, w_b).reshape(t.shape[0], -1)
+
+
 def rebuild_tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> torch.Tensor:
-    """(R,R,k,k) core with w_a (R,O) and w_b (R,I) → (O, I, k, k)."""
-    return torch.einsum("i j ..., j r, i p -> p r ...", t, w_b, w_a)
+    """(R,R,k,k) core with w_a (R,O) and w_b (R,I) → (O, I, k, k); one GEMM at full size."""
+    out = w_a.transpose(0, 1) @ tucker_inner(t, w_b)
+    return out.reshape(w_a.shape[1], w_b.shape[1], *t.shape[2:])
+
+
+def needs_grad(*ts: torch.Tensor) -> bool:
+    """Whether autograd will record an op on `ts` (then no `out=` / in-place tricks)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
+
+
+def hadamard_of_products(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                         scale: float = 1.0) -> torch.Tensor:
+    """scale · (a1 @ b1) ⊙ (a2 @ b2) for a* (O, R), b* (R, N) → (O, N).
+
+    The scale goes on the small a1 and the product is taken in place (one full-size temporary,
+    not three). With one CPU thread the rows are done in blocks that stay in cache, so each ΔW
+    element is written once; with several threads each block would be a synchronisation point
+    of the thread pool (costly on a busy machine), so the whole products are used.
+    """
+    if scale != 1.0:
+        a1 = a1 * scale
+    if needs_grad(a1, b1, a2, b2):
+        return (a1 @ b1) * (a2 @ b2)
+    rows = max(1, _BLOCK_BYTES // max(1, b1.shape[1] * b1.element_size()))
+    out = buffers.empty((a1.shape[0], b1.shape[1]), b1.dtype, b1.device)
+    if a1.device.type != "cpu" or rows >= a1.shape[0] or torch.get_num_threads() > 1:
+        return torch.mm(a1, b1, out=out).mul_(a2 @ b2)
+    tmp = torch.empty(rows, b2.shape[1], dtype=b2.dtype, device=b2.device)
+    for r0 in range(0, a1.shape[0], rows):
+        r1 = min(a1.shape[0], r0 + rows)
+        block, t = out[r0:r1], tmp[: r1 - r0]
+        torch.mm(a1[r0:r1], b1, out=block)
+        torch.mm(a2[r0:r1], b2, out=t)
+        block.mul_(t)
+    return out
 
 
 def diff_weight(f: LoHaFactors, scale: float = 1.0) -> torch.Tensor:
     """ΔW (Tucker: (O,I,k,k); otherwise (O, I·k·k)). Autograd-friendly: no custom backward."""
     if f.t1 is not None and f.t2 is not None:
-        p1 = rebuild_tucker(f.t1, f.w1_a, f.w1_b)
-        p2 = rebuild_tucker(f.t2, f.w2_a, f.w2_b)
-    else:
-        p1 = f.w1_a.reshape(f.w1_a.shape[0], -1) @ f.w1_b.reshape(f.w1_b.shape[0], -1)
-        p2 = f.w2_a.reshape(f.w2_a.shape[0], -1) @ f.w2_b.reshape(f.w2_b.shape[0], -1)
-    out = p1 * p2
-    return out * scale if scale != 1.0 else out
+        out = hadamard_of_products(f.w1_a.transpose(0, 1), tucker_inner(f.t1, f.w1_b),
+                                   f.w2_a.transpose(0, 1), tucker_inner(f.t2, f.w2_b), scale)
+        return out.reshape(f.w1_a.shape[1], f.w1_b.shape[1], *f.t1.shape[2:])
+    flat = [w.reshape(w.shape[0], -1) for w in (f.w1_a, f.w1_b, f.w2_a, f.w2_b)]
+    return hadamard_of_products(*flat, scale)
 
 
 @dataclass
@@ -127,8 +168,8 @@ class LoHaModule(AdapterModule):
         return LoHaFactors(ld(self.hada_w1_a), ld(self.hada_w1_b), ld(self.hada_w2_a),
                            ld(self.hada_w2_b), ld(self.hada_t1), ld(self.hada_t2))
 
-    def _diff(self, device, dtype) -> torch.Tensor:
-        return diff_weight(self.factors(device, dtype)).reshape(self.natural_shape)
+    def _diff(self, device, dtype, scale: float = 1.0) -> torch.Tensor:
+        return diff_weight(self.factors(device, dtype), scale).reshape(self.natural_shape)
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.tucker else "flat"}

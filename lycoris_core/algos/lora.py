@@ -11,7 +11,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import AdapterError
+from . import buffers
 from .base import AdapterModule, TensorRef
+from .loha import needs_grad, tucker_inner
 
 
 @dataclass
@@ -22,14 +24,23 @@ class LoRAFactors:
 
 
 def diff_weight(f: LoRAFactors, scale: float = 1.0) -> torch.Tensor:
-    """ΔW: (O, I, k, k) with `mid`, else (O, I·k·k) (reshape to the layer afterwards)."""
+    """ΔW: (O, I, k, k) with `mid`, else (O, I·k·k) (reshape to the layer afterwards).
+
+    One GEMM at full size: the scale goes on `up` and `mid` is contracted with `down` first.
+    """
     up = f.up.reshape(f.up.shape[0], -1)
     down = f.down.reshape(f.down.shape[0], -1)
-    if f.mid is not None:
-        out = torch.einsum("o r, r s ..., s i -> o i ...", up, f.mid, down)
+    if scale != 1.0:
+        up = up * scale
+    right = tucker_inner(f.mid, down) if f.mid is not None else down
+    if buffers.is_large(up.shape[0] * right.shape[1], right.dtype) and not needs_grad(up, right):
+        out = torch.mm(up, right, out=buffers.empty((up.shape[0], right.shape[1]), right.dtype,
+                                                    right.device))
     else:
-        out = up @ down
-    return out * scale if scale != 1.0 else out
+        out = up @ right
+    if f.mid is not None:
+        return out.reshape(up.shape[0], down.shape[1], *f.mid.shape[2:])
+    return out
 
 
 @dataclass
@@ -74,8 +85,8 @@ class LoRAModule(AdapterModule):
         mid = self.lora_mid.load(device, dtype) if self.lora_mid is not None else None
         return LoRAFactors(self.lora_up.load(device, dtype), self.lora_down.load(device, dtype), mid)
 
-    def _diff(self, device, dtype) -> torch.Tensor:
-        return diff_weight(self.factors(device, dtype)).reshape(self.natural_shape)
+    def _diff(self, device, dtype, scale: float = 1.0) -> torch.Tensor:
+        return diff_weight(self.factors(device, dtype), scale).reshape(self.natural_shape)
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.lora_mid is not None else "flat"}

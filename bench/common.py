@@ -1,0 +1,322 @@
+"""Shared benchmark machinery: interleaved timing, memory peaks, copy bandwidth, output.
+
+Timing: every contestant of one case runs in the same process, interleaved round by round (the
+order rotates each round), after a warm-up; each sample times `number` calls (calibrated so one
+sample lasts about `target_s`), and the median per-call time over the rounds is reported. The
+machine is shared and noisy, so results are only ever read as ratios pack / reference.
+
+Memory: `child_peak_rss` runs a function in a fresh Python process and reads the kernel's RSS
+high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), so nothing the parent allocated
+counts; `RSSSampler` polls this process' RSS (psutil) from a thread, for in-process peaks
+(approximate: spikes shorter than the poll interval can be missed).
+
+Bandwidth: `copy_bandwidth` times `dst.copy_(src)` on buffers several times larger than the L3
+cache and counts bytes read + written; a kernel that has to write N bytes and read M bytes
+cannot beat (N + M) / that bandwidth.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "bench" / "results"
+
+
+# ------------------------------------------------------------------------------------- timing
+@dataclass(frozen=True)
+class Stats:
+    """Per-call seconds: median, quartiles, samples taken, calls per sample."""
+
+    median: float
+    q1: float
+    q3: float
+    samples: int
+    number: int
+
+    @property
+    def ms(self) -> float:
+        return self.median * 1e3
+
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
+"""`wall`: elapsed time. `cpu`: CPU seconds of this process (all its threads): on a machine
+shared with other jobs this is what the work itself costs, unaffected by waiting for a core."""
+
+
+def default_clock() -> str:
+    """The clock the benches use: $LYCORIS_BENCH_CLOCK (`wall` or `cpu`), else `wall`."""
+    clock = os.environ.get("LYCORIS_BENCH_CLOCK", "wall")
+    if clock not in CLOCKS:
+        raise ValueError(f"LYCORIS_BENCH_CLOCK must be one of {sorted(CLOCKS)}, not {clock!r}")
+    return clock
+
+
+def _time_calls(fn: Callable[[], object], number: int, clock: str = "wall") -> float:
+    now = CLOCKS[clock]
+    t0 = now()
+    for _ in range(number):
+        fn()
+    return (now() - t0) / number
+
+
+def calibrate(fn: Callable[[], object], target_s: float) -> int:
+    """Calls per sample so that one sample lasts about `target_s` (at least 1)."""
+    number = 1
+    while True:
+        dt = _time_calls(fn, number) * number
+        if dt >= target_s / 2 or number >= 1 << 16:
+            return max(1, int(number * target_s / max(dt, 1e-9)))
+        number *= 4
+
+
+def interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int = 7, warmup: int = 1,
+                target_s: float = 0.02, clock: str | None = None) -> dict[str, Stats]:
+    """Time every callable of `fns` in the same rounds; per-call median seconds for each.
+
+    `clock`: "wall" or "cpu" (see `CLOCKS`); default `default_clock()`.
+    """
+    clock = clock or default_clock()
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    numbers = {name: calibrate(fns[name], target_s) for name in names}
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(repeats):
+            k = r % len(names)
+            for name in names[k:] + names[:k]:
+                samples[name].append(_time_calls(fns[name], numbers[name], clock))
+    finally:
+        if was_enabled:
+            gc.enable()
+    out = {}
+    for name, xs in samples.items():
+        qs = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+        out[name] = Stats(statistics.median(xs), qs[0], qs[2], len(xs), numbers[name])
+    return out
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either side is missing or b is zero."""
+    if a is None or b is None or b == 0:
+        return None
+    return a / b
+
+
+# ---------------------------------------------------------------------------------- bandwidth
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> dict:
+    """Bytes per second of `dst.copy_(src)` (read + written) on float32 buffers of `nbytes`.
+
+    Both buffers are touched before timing (no page faults inside the timed copies). Also
+    reports `clone()` (a fresh allocation each time, so page faults included) for context.
+    """
+    n = nbytes // 4
+    src = torch.ones(n)
+    dst = torch.zeros(n)
+    stats = interleaved({"copy_": lambda: dst.copy_(src), "clone": lambda: src.clone()},
+                        repeats=repeats, target_s=0.05)
+    copy_s, clone_s = stats["copy_"].median, stats["clone"].median
+    return {
+        "method": "median time of dst.copy_(src), float32, buffers touched first; "
+                  "bytes = read + written",
+        "buffer_bytes": n * 4,
+        "bytes_per_s": 2 * n * 4 / copy_s,
+        "clone_bytes_per_s": 2 * n * 4 / clone_s,
+    }
+
+
+def bound_seconds(bytes_moved: int, bytes_per_s: float) -> float:
+    """Lower bound on the time of a kernel that must move `bytes_moved` bytes."""
+    return bytes_moved / bytes_per_s
+
+
+# ------------------------------------------------------------------------------------- memory
+def rss_bytes() -> int:
+    """Current resident set size of this process."""
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RSSSampler:
+    """`with RSSSampler() as s: work()` → `s.peak - s.baseline` bytes (polled every `interval`)."""
+
+    def __init__(self, interval: float = 0.001):
+        self.interval = interval
+        self.baseline = 0
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(self.interval)
+
+    def __enter__(self) -> RSSSampler:
+        gc.collect()
+        self.baseline = self.peak = rss_bytes()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_bytes())
+
+
+def child_peak_rss(target: str, kwargs: Mapping | None = None, timeout: float = 600) -> dict:
+    """Run `module:function(**kwargs)` in a fresh interpreter; its peak RSS and its result.
+
+    Returns {"result": <JSON result>, "peak_rss": bytes, "baseline_rss": bytes after imports,
+    "wall_s": seconds of the call}. The function must return something JSON-serialisable.
+    """
+    cmd = [sys.executable, "-m", "bench.common", "--child", target, json.dumps(dict(kwargs or {}))]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{target} failed in its child process:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def touch_bytes(nbytes: int) -> int:
+    """Allocate and write `nbytes` (a probe for `child_peak_rss`); returns the count."""
+    return int(torch.ones(nbytes // 4).numel() * 4)
+
+
+def _child_main(target: str, kwargs_json: str) -> None:
+    import resource
+
+    module, func = target.split(":")
+    fn = getattr(importlib.import_module(module), func)
+    baseline = rss_bytes()
+    t0 = time.perf_counter()
+    result = fn(**json.loads(kwargs_json))
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    print(json.dumps({"result": result, "peak_rss": peak, "baseline_rss": baseline,
+                      "wall_s": wall}))
+
+
+# ------------------------------------------------------------------------------------ ComfyUI
+_COMFY_BASE: list[Path] = []
+
+
+def comfy_host():
+    """The real ComfyUI 0.3.75 (tests/comfy_host.py), booted once per process in a temp dir."""
+    import atexit
+    import shutil
+    import tempfile
+
+    if str(ROOT / "tests") not in sys.path:
+        sys.path.insert(0, str(ROOT / "tests"))
+    import comfy_host as host_mod
+
+    if not _COMFY_BASE:
+        base = Path(tempfile.mkdtemp(prefix="lycoris-bench-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _COMFY_BASE.append(base)
+    logging.disable(logging.WARNING)  # ComfyUI's optional-node import warnings (torchaudio, …)
+    try:
+        return host_mod.boot(_COMFY_BASE[0])
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+# ------------------------------------------------------------------------------------- output
+def row(bench: str, case: str, pack: float | None, refs: Mapping[str, float | None],
+        unit: str = "ms", ratios: Mapping[str, float | None] | None = None, **extra) -> dict:
+    """One result line: the pack's figure, each reference's, and the ratios.
+
+    By default the ratios are `pack/<ref>` for every reference (for times: < 1 means the pack
+    is faster); pass `ratios` to choose them. Extra keyword fields are kept in the JSON.
+    """
+    if ratios is None:
+        ratios = {f"pack/{k}": ratio(pack, v) for k, v in refs.items()}
+    return {"bench": bench, "case": case, "unit": unit, "pack": pack, "refs": dict(refs),
+            "ratios": dict(ratios), **extra}
+
+
+def _fmt(x: float | None, ratio_col: bool = False) -> str:
+    if x is None:
+        return "—"
+    if ratio_col:
+        return f"{x:.2f}"
+    return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def format_table(rows: Iterable[dict]) -> str:
+    """Markdown tables, one per bench, with the ratio columns last (ratio < 1: pack wins)."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["bench"], []).append(r)
+    parts = []
+    for bench, rs in groups.items():
+        refs: list[str] = []
+        rats: list[str] = []
+        for r in rs:
+            refs += [k for k in r["refs"] if k not in refs]
+            rats += [k for k in r["ratios"] if k not in rats]
+        head = ["case", "unit", "pack", *refs, *rats]
+        lines = [f"**{bench}**", "", "| " + " | ".join(head) + " |",
+                 "|" + "---|" * len(head)]
+        for r in rs:
+            cells = [r["case"], r["unit"], _fmt(r["pack"]),
+                     *[_fmt(r["refs"].get(k)) for k in refs],
+                     *[_fmt(r["ratios"].get(k), True) for k in rats]]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
+def machine_info() -> dict:
+    """What the figures were measured on."""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in fh if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "load_avg": os.getloadavg(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                  time.gmtime())}
+
+
+def write_json(payload: dict, name: str = "latest", directory: Path = RESULTS_DIR) -> Path:
+    """Write `payload` to `<directory>/<name>.json` (directory created); returns the path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=1, default=_jsonable))
+    return path
+
+
+def _jsonable(o):
+    if isinstance(o, Stats):
+        return asdict(o)
+    if isinstance(o, (tuple, set, frozenset)):
+        return list(o)
+    return repr(o)  # anything else a bench returned: kept readable rather than failing the run
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--child":
+    _child_main(sys.argv[2], sys.argv[3])

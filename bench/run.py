@@ -1,0 +1,238 @@
+"""Run every benchmark, print one table of ratios and write the JSON to bench/results/.
+
+    .venv/bin/python -m bench.run            # full run (< 15 min on 2 CPU cores)
+    .venv/bin/python -m bench.run --quick    # smaller shapes and fewer rounds (< 2 min idle)
+    .venv/bin/python -m bench.run --only delta convert --threads 1
+
+Each bench runs in its own child process (memory peaks and ComfyUI state cannot leak from one
+bench into the next). A bench module exposes `main(quick=...)` returning {"rows": [...], ...}
+(rows built with `bench.common.row`); `bench_apply`'s `run(quick, repeat)` result is turned into
+rows here. A bench whose module is not there is reported as missing; one that fails is reported
+with its error, and the exit status is then 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+from .common import RESULTS_DIR, ROOT, default_clock, format_table, machine_info, row, write_json
+
+BENCHES: dict[str, str] = {
+    "delta": "bench.bench_delta",
+    "apply": "bench.bench_apply",
+    "bake": "bench.bench_bake",
+    "schedule": "bench.bench_schedule",
+    "train": "bench.bench_train",
+    "convert": "bench.bench_convert",
+}
+CHILD_ENV: dict[str, dict[str, str]] = {
+    # bench_apply reads peaks from RSS: glibc must hand large frees back to the OS at once
+    "apply": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
+}
+TIMEOUT_S = 900
+
+
+def _train_result(module, quick: bool) -> dict:
+    """bench_train's two parts, with the sizes its own `main` uses (its main takes argv)."""
+    return {"lokr_bypass": module.bench_lokr_bypass(tokens=1024 if quick else 4096,
+                                                    reps=1 if quick else 3),
+            "vs_comfyui": module.bench_vs_comfyui(steps=3 if quick else 8, rank=4)}
+
+
+def _train_rows(result: dict) -> list[dict]:
+    """bench_train's result layout → table rows."""
+    rows = []
+    for r in result.get("vs_comfyui", []):
+        case = f"{r['algo']} r{r['rank']} on the tiny SDXL"
+        bench = "training step vs ComfyUI TrainLoraNode (child processes, 1 thread)"
+        rows.append(row(bench, case + " — step time", r["lycoris_step_s"],
+                        {"comfyui": r["comfyui_step_s"]}, "s"))
+        rows.append(row(bench, case + " — peak extra RSS", r["lycoris_peak_mb"],
+                        {"comfyui": r["comfyui_peak_mb"]}, "MB"))
+    for r in result.get("lokr_bypass", []):
+        rows.append(row("LoKr training forward+backward: bypass vs materialised ΔW",
+                        f"{r['layer']}, {r['tokens']} tokens", r["bypass_s"] * 1e3,
+                        {"materialised ΔW": r["dense_s"] * 1e3}, "ms"))
+    return rows
+
+
+def _call_entry(module, quick: bool):
+    """`main(quick=…)`, else `run(quick=…)` (bench_apply: `run(quick, repeat)`); bench_train
+    through its two bench functions."""
+    if module.__name__ == BENCHES["train"] and hasattr(module, "bench_lokr_bypass"):
+        return _train_result(module, quick)
+    for name in ("main", "run"):
+        fn = getattr(module, name, None)
+        if callable(fn) and "quick" in inspect.signature(fn).parameters:
+            params = inspect.signature(fn).parameters
+            kw = {"repeat": 1 if quick else 2} if "repeat" in params else {}
+            return fn(quick=quick, **kw)
+    raise AttributeError(f"{module.__name__} has no main(quick=…) or run(quick=…)")
+
+
+def _apply_rows(result: dict) -> list[dict]:
+    """bench_apply's own result layout → table rows (time in s, peak extra RSS in MiB)."""
+    rows = []
+    for r in result.get("results", []):
+        best = {w: min(runs, key=lambda x: x["total_s"]) for w, runs in r["runs"].items()}
+        peak = {w: min(x["peak_extra_bytes"] for x in runs) / 2**20 for w, runs in r["runs"].items()}
+        case = f"SDXL {r['algo']} r{r['rank']}, {r['modules']} modules, fp16 base"
+        bench = "apply full-size adapter vs ComfyUI LoraLoader path"
+        rows.append(row(bench, case + " — load+patch time", best["ours"]["total_s"],
+                        {"comfyui": best["comfy"]["total_s"]}, "s",
+                        max_abs_diff_fp16=r.get("max_abs_diff_patched_weights_fp16")))
+        rows.append(row(bench, case + " — peak extra RSS", peak["ours"], {"comfyui": peak["comfy"]},
+                        "MiB"))
+    return rows
+
+
+def _rows_of(name: str, result) -> list[dict]:
+    """The result rows, whatever shape the bench returned them in."""
+    if isinstance(result, dict) and isinstance(result.get("rows"), list):
+        return result["rows"]
+    if isinstance(result, list) and all(isinstance(r, dict) and "bench" in r for r in result):
+        return result
+    if name == "apply" and isinstance(result, dict):
+        return _apply_rows(result)
+    if name == "train" and isinstance(result, dict):
+        return _train_rows(result)
+    return []
+
+
+def _child(name: str, quick: bool, out: str) -> None:
+    """Child process: run one bench, write {"status", "seconds", "result"|"error"} to `out`."""
+    t0 = time.perf_counter()
+    try:
+        module = importlib.import_module(BENCHES[name])
+        res = {"status": "ok", "result": _call_entry(module, quick)}
+    except ModuleNotFoundError as exc:
+        missing = exc.name == BENCHES[name]
+        res = {"status": "missing" if missing else "failed",
+               "error": f"{BENCHES[name]} not found" if missing else traceback.format_exc()}
+    except Exception:  # reported by the parent; one broken bench must not hide the others
+        res = {"status": "failed", "error": traceback.format_exc()}
+    res["seconds"] = time.perf_counter() - t0
+    write_json(res, Path(out).stem, Path(out).parent)
+
+
+def run_bench(name: str, quick: bool, threads: int | None) -> dict:
+    """One bench in a child process; its status, seconds, result or error."""
+    with tempfile.TemporaryDirectory(prefix="lycoris-bench-run-") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "bench.run", "--child", name, "--out", str(out)]
+        cmd += ["--quick"] if quick else []
+        cmd += ["--threads", str(threads)] if threads else []
+        env = {**os.environ, **CHILD_ENV.get(name, {})}
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr, stderr=sys.stderr,
+                                  timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            return {"status": "failed", "seconds": TIMEOUT_S, "error": f"timed out ({TIMEOUT_S} s)"}
+        if not out.is_file():
+            return {"status": "failed", "seconds": time.perf_counter() - t0,
+                    "error": f"child exited with {proc.returncode} and wrote no result"}
+        return json.loads(out.read_text())
+
+
+def target_checks(rows: list[dict]) -> list[str]:
+    """The issue's targets, one line per ΔW case: pack ≤ each reference, LoKr ≤ 2× bound.
+
+    `ok` when the pack's median is at most the reference's; `≈` when it is above it but within
+    the reference's own interquartile spread (parity within this machine's noise); else `MISS`.
+    """
+    from .bench_delta import BENCH
+
+    pairs = {"lycoris": ("pack", "lycoris"), "comfyui": ("pack ΔW+add", "comfyui ΔW+add")}
+    out = []
+    for r in rows:
+        if r["bench"] != BENCH:
+            continue
+        quart = r.get("quartiles_ms", {})
+        verdicts = []
+        for ref, (ours, theirs) in pairs.items():
+            mine = r["pack"] if ours == "pack" else r["refs"].get(ours)
+            other = r["refs"].get(theirs)
+            if mine is None or other is None:
+                verdicts.append(f"{ref}: n/a")
+            elif mine <= other:
+                verdicts.append(f"{ref}: ok {mine / other:.2f}")
+            elif theirs in quart and mine <= quart[theirs][1]:
+                verdicts.append(f"{ref}: ≈ {mine / other:.2f}")
+            else:
+                verdicts.append(f"{ref}: MISS {mine / other:.2f}")
+        if r["case"].startswith("lokr"):
+            b = r["ratios"].get("pack/bound")
+            verdicts.append(f"bound: {'ok' if b is not None and b <= 2 else 'MISS'} {b:.2f}")
+        out.append(f"{r['case']}: " + ", ".join(verdicts))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Run the lycoris-nodes benchmarks.")
+    ap.add_argument("--quick", action="store_true", help="small shapes, few rounds (< 2 min)")
+    ap.add_argument("--only", nargs="+", choices=sorted(BENCHES), help="run only these benches")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads in every bench (default: torch's own choice)")
+    ap.add_argument("--clock", choices=("wall", "cpu"), default=None,
+                    help="time by elapsed (wall, default) or process CPU seconds (cpu: for a "
+                         "machine busy with other jobs; use with --threads 1)")
+    ap.add_argument("--name", default=None,
+                    help="JSON file name under bench/results/ (default: latest or quick)")
+    ap.add_argument("--child", choices=sorted(BENCHES), help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.clock:
+        os.environ["LYCORIS_BENCH_CLOCK"] = args.clock  # read by bench.common in every child
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.child:
+        _child(args.child, args.quick, args.out)
+        return 0
+    started = time.perf_counter()
+    results, rows = {}, []
+    for name in BENCHES:
+        if args.only and name not in args.only:
+            continue
+        print(f"[bench] {name} …", file=sys.stderr, flush=True)
+        res = run_bench(name, args.quick, args.threads)
+        print(f"[bench] {name}: {res['status']} in {res['seconds']:.0f} s", file=sys.stderr,
+              flush=True)
+        results[name] = res
+        rows += _rows_of(name, res.get("result"))
+    total = time.perf_counter() - started
+
+    print(format_table(rows))
+    bw = (results.get("delta", {}).get("result") or {}).get("bandwidth")
+    if bw:
+        print(f"\ncopy bandwidth (the bound's): {bw['bytes_per_s'] / 1e9:.1f} GB/s "
+              f"({bw['method']}, {bw['buffer_bytes'] >> 20} MiB buffers)")
+    checks = target_checks(rows)
+    if checks:
+        print("\nΔW targets (pack ≤ lycoris and ≤ ComfyUI; LoKr ≤ 2× bound):")
+        print("\n".join("  " + c for c in checks))
+    for name, res in results.items():
+        if res["status"] != "ok":
+            print(f"\n{name}: {res['status']}: {res['error'].strip().splitlines()[-1]}")
+    path = write_json({"machine": machine_info(), "quick": args.quick, "seconds": total,
+                       "threads": args.threads, "clock": default_clock(), "benches": results, "rows": rows,
+                       "targets": checks},
+                      args.name or ("quick" if args.quick else "latest"), RESULTS_DIR)
+    print(f"\n{len(rows)} rows in {total:.0f} s; JSON: {path}")
+    return 1 if any(r["status"] == "failed" for r in results.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
