@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -165,7 +166,7 @@ def build_modules(shapes: Mapping[str, tuple[int, ...]], source, path: str
         algo = algos.pop()
         refs = {f: TensorRef(k, tuple(shapes[k]), source) for f, k in fields.items()}
         alpha, dora = refs.pop("alpha", None), refs.pop("dora_scale", None)
-        if alpha is not None and len(alpha.shape) > 1:
+        if alpha is not None and (len(alpha.shape) > 1 or math.prod(alpha.shape) != 1):
             raise AdapterError(f"alpha must be a scalar, has shape {list(alpha.shape)}",
                                file=path, key=alpha.key)
         modules[module] = ALGORITHMS[algo](name=module, source=source, alpha_ref=alpha,
@@ -216,6 +217,12 @@ def delta_weights(
     """
     keymap = KeyMap(model_weights.keys())
     res = adapter.resolve(keymap)
+    if model_weights and adapter.modules and not res.matched:  # a wrong file must not do nothing
+        names = list(adapter.modules)
+        raise AdapterError(
+            f"none of its {len(names)} modules matches any of the model's {len(model_weights)} "
+            f"weights (the file looks like {adapter.guess_architecture()[0]}, the model is "
+            f"{keymap.architecture}); e.g. {names[:3]}", file=adapter.path, key=names[0])
     deltas: dict[str, torch.Tensor] = {}
     for name, key in res.matched.items():
         module = adapter.modules[name]

@@ -70,7 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _subcommands() -> list:
     """The `add_cli` of every feature module, in help order (imported here to keep start-up lazy)."""
-    return [add_inspect_cli]
+    from .bake import add_cli as add_bake_cli
+    from .convert import add_cli as add_convert_cli
+    from .merge import add_cli as add_merge_cli
+    from .resize import add_cli as add_resize_cli
+    return [add_inspect_cli, add_convert_cli, add_merge_cli, add_resize_cli, add_bake_cli]
 
 
 def main(argv: list[str] | None = None) -> int:

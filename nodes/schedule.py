@@ -1,0 +1,127 @@
+"""LyCORISStrengthSchedule: adapter strength that follows keyframes over the sampling steps."""
+
+from __future__ import annotations
+
+import logging
+
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ..lycoris_core.blocks import parse_block_weights
+from ..lycoris_core.schedule import INTERPOLATIONS, PRESET_HELP, parse_schedule, render_curve
+from .loaders import BLOCK_TOOLTIP
+from .patching import cache_key
+from .schedule_patching import TIMINGS, ScheduledAdapter, plan_from_file, take_over_loader_patches
+
+log = logging.getLogger("lycoris_nodes")
+
+NODE_ID = "LyCORISStrengthSchedule"
+FROM_MODEL = "(LyCORIS loader upstream)"
+
+SCHEDULE_TOOLTIP = (
+    "Strength multiplier over sampling. Keyframes PERCENT:STRENGTH separated by commas, percent as "
+    "0-1 or with % (e.g. '0:1, 40%:1, 100%:0.2'); the same percent twice makes a jump; before the "
+    "first / after the last keyframe the strength holds. A word hold / linear / cosine in the text "
+    "overrides the interpolation input. Or a preset: "
+    + "; ".join(f"{k} ({v})" for k, v in PRESET_HELP.items()) + ".")
+TIMING_TOOLTIP = (
+    "How a step's percent is measured. steps: position in the sampler's own steps (step i of n is "
+    "at i/n; 50% = the middle step). sigma: ComfyUI's model-sampling percent, as hook keyframes and "
+    "ControlNet start/end use (depends on the noise level, not the step count).")
+
+
+def _loras() -> list[str]:
+    return [FROM_MODEL, *folder_paths.get_filename_list("loras")]
+
+
+class LyCORISStrengthSchedule(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id=NODE_ID,
+            display_name="LyCORIS Strength Schedule",
+            category="LyCORIS/schedule",
+            description=(
+                "Apply a LoHa / LoKr / LoRA file (or take over the one a LyCORIS loader put on the "
+                "model) with a diffusion-model strength that follows keyframes over the sampling "
+                "steps (hold / linear / cosine, presets such as fade_out or pulse), with per-block "
+                "strengths and a separate, constant CLIP strength. Before each model call only the "
+                "adapter's weights are set to base + strength·ΔW (ΔW built once per run in float32); "
+                "the base weights are restored after sampling. Works with every sampler, CFG and "
+                "batched conditionings. Shows the curve."),
+            inputs=[
+                io.Model.Input("model", tooltip="The diffusion model (SDXL UNet or Anima DiT)."),
+                io.Combo.Input("lora_name", options=_loras(),
+                               tooltip="The adapter file in the loras folder, or "
+                                       f"'{FROM_MODEL}' to schedule the LyCORIS patches a "
+                                       "LoadLoHa / LoadLoKr / LoadLyCORIS node put on this model "
+                                       "(their strengths and block weights are kept and multiplied "
+                                       "by the ones here; CLIP then passes through unchanged)."),
+                io.Float.Input("strength_model", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="Diffusion-model strength; the schedule multiplies it at "
+                                       "each step."),
+                io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01,
+                               tooltip="Text-encoder strength, constant (the prompt is encoded "
+                                       "once, before sampling). Ignored for the loader upstream."),
+                io.String.Input("schedule", default="0:1, 0.5:1, 1:0.2", tooltip=SCHEDULE_TOOLTIP),
+                io.Combo.Input("interpolation", options=list(INTERPOLATIONS), default="linear",
+                               tooltip="Between keyframes: linear, cosine (smooth ease in/out) or "
+                                       "hold (keep the earlier keyframe's strength: steps)."),
+                io.Combo.Input("timing", options=list(TIMINGS), default="steps",
+                               tooltip=TIMING_TOOLTIP),
+                io.String.Input("block_weights", default="", tooltip=BLOCK_TOOLTIP),
+                io.Int.Input("preview_steps", default=20, min=0, max=1000,
+                             tooltip="Dots on the curve preview at the strength each of this many "
+                                     "steps gets (timing 'steps'); 0 = no dots."),
+                io.Boolean.Input("cache_delta", default=True,
+                                 tooltip="Keep ΔW of the adapted weights in float32 during sampling "
+                                         "(fastest). Off: rebuild ΔW whenever the strength changes "
+                                         "and keep the base copy on the offload device (less "
+                                         "memory, slower)."),
+                io.Clip.Input("clip", optional=True,
+                              tooltip="Optional text encoder(s), patched at strength_clip."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL",
+                                tooltip="A clone of the model whose adapter strength follows the "
+                                        "schedule while it samples."),
+                io.Clip.Output(display_name="CLIP",
+                               tooltip="The text encoder(s) patched at strength_clip, or the input."),
+                io.Image.Output(display_name="curve",
+                                tooltip="The schedule's curve (x: percent of sampling, y: strength "
+                                        "multiplier; orange: keyframes, white: steps)."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, lora_name, **kwargs):
+        """Re-run when the file changes on disk (mtime/size), not only when the name does."""
+        if lora_name == FROM_MODEL:
+            return lora_name
+        try:
+            return cache_key(folder_paths.get_full_path_or_raise("loras", lora_name))
+        except Exception:  # an unknown name is reported by execute
+            return lora_name
+
+    @classmethod
+    def execute(cls, model, lora_name, strength_model, strength_clip, schedule, interpolation,
+                timing, block_weights, preview_steps, cache_delta, clip=None) -> io.NodeOutput:
+        sched = parse_schedule(schedule, interpolation)
+        bw = parse_block_weights(block_weights)
+        if lora_name == FROM_MODEL:
+            new_model, entries = take_over_loader_patches(model, strength_model, bw)
+            new_clip = clip
+        else:
+            path = folder_paths.get_full_path_or_raise("loras", lora_name)
+            entries, new_clip, _ = plan_from_file(model, clip, path, strength_model, strength_clip,
+                                                  bw, node=NODE_ID)
+            new_model = model.clone() if entries else model
+        if entries:
+            ScheduledAdapter(entries, sched, timing, cache_delta).attach(new_model)
+        log.info("%s %s: %d weights scheduled, %s", NODE_ID, lora_name, len(entries), sched.describe())
+        curve = torch.from_numpy(render_curve(sched, steps=preview_steps or None))[None]
+        return io.NodeOutput(new_model, new_clip, curve, ui=ui.PreviewImage(curve, cls=cls))
+
+
+SCHEDULE_NODES = [LyCORISStrengthSchedule]

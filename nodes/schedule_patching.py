@@ -1,0 +1,276 @@
+"""Scheduled adapter strength during sampling (ModelPatcher side of LyCORISStrengthSchedule).
+
+Mechanism ("delta swap", measured against ComfyUI's hook keyframes in bench/bench_schedule.py):
+the scheduled model carries no static patch for the adapter's diffusion-model weights. Two
+wrappers of ComfyUI's wrapper API (`comfy.patcher_extension.WrappersMP`) do the work:
+
+- SAMPLER_SAMPLE (once per sampler run, after ComfyUI has loaded and patched the model): snapshot
+  each adapted weight W_base as loaded (other patches included) and build ΔW once in float32 on
+  the weight's device (lycoris_core, the same row blocks the loader uses); restore every W_base
+  bit for bit in `finally` (errors and interrupts included).
+- CALC_COND_BATCH (every model evaluation, before any unet-function wrapper, cond and uncond and
+  every batched conditioning of that evaluation share it): from the evaluation's sigma get the
+  percent of sampling, evaluate the schedule, and when a weight's strength changed write
+  `W = W_base + s·ΔW` with the loader's arithmetic (fp32 sum, ComfyUI's rounding to the weight's
+  dtype), so a constant schedule reproduces the loader bit for bit and nothing drifts.
+
+Several scheduled adapters on one model share one run per sampling (`_ACTIVE`), so weights they
+both touch get `W_base + Σ sᵢ·ΔWᵢ`. Extra memory during sampling: W_base (weight dtype) and ΔW
+(float32) of the adapted weights; `cache_delta=False` keeps only W_base (on the offload device)
+and rebuilds ΔW in row blocks whenever the strength changes.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import comfy.float
+import comfy.model_patcher
+import comfy.patcher_extension
+import comfy.utils
+import torch
+
+from ..lycoris_core import AdapterError
+from ..lycoris_core.algos import AdapterModule
+from ..lycoris_core.blocks import BlockWeights
+from ..lycoris_core.schedule import Schedule, percent_along_sigmas
+from .patching import LycorisPatch, _add_rows, _identity, apply_adapter, cached_adapter, delta_row_blocks
+
+log = logging.getLogger("lycoris_nodes")
+
+WRAPPER_KEY = "lycoris_nodes.schedule"
+TIMINGS = ("steps", "sigma")
+"""How a model call's sigma becomes a percent: `steps` = position along the sampler's own sigma
+list (step i of n at i/n), `sigma` = ComfyUI's model-sampling percent (as hook keyframes use)."""
+
+
+@dataclass
+class ScheduledAdapter:
+    """Adapter weights whose strength follows `schedule`: {model key: (module, strength)}, where
+    strength already holds strength_model × block multiplier; the effective strength at a model
+    call is strength × schedule.at(percent)."""
+
+    entries: dict[str, tuple[AdapterModule, float]]
+    schedule: Schedule
+    timing: str = "steps"
+    cache_delta: bool = True
+    _sigma_cache: tuple[object, dict[float, float]] = field(default=(None, {}), repr=False)
+
+    def attach(self, patcher) -> None:
+        """Register the wrappers on `patcher` (a ModelPatcher clone owned by the caller)."""
+        wm = comfy.patcher_extension.WrappersMP
+        patcher.add_wrapper_with_key(wm.SAMPLER_SAMPLE, WRAPPER_KEY, self._sampler_sample)
+        patcher.add_wrapper_with_key(wm.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
+
+    def factor(self, sigma: float, run: _Run) -> float:
+        """The schedule's multiplier at a model call of noise level `sigma`."""
+        if self.timing != "sigma":
+            return self.schedule.at(percent_along_sigmas(sigma, run.sigmas))
+        ms = run.model.model_sampling
+        if self._sigma_cache[0] is not ms or len(self._sigma_cache[1]) > 4096:
+            self._sigma_cache = (ms, {})  # holds `ms`: a new sampling object never hits
+        cache = self._sigma_cache[1]
+        f = cache.get(sigma)
+        if f is None:  # a bisection costs ~30 model-sampling calls: once per sigma value
+            f = cache[sigma] = self.schedule.at_sigma(sigma, ms.percent_to_sigma)
+        return f
+
+    def _sampler_sample(self, executor, guider, sigmas, *args, **kwargs):
+        model = guider.inner_model
+        run = _ACTIVE.get(id(model))
+        owner = run is None
+        if owner:
+            run = _ACTIVE[id(model)] = _Run(model, guider.model_patcher.offload_device,
+                                             [float(s) for s in sigmas])
+        try:
+            run.add(self)
+            return executor(guider, sigmas, *args, **kwargs)
+        finally:
+            if owner:
+                _ACTIVE.pop(id(model), None)
+                run.restore()
+
+    def _calc_cond_batch(self, executor, model, conds, x_in, timestep, model_options):
+        run = _ACTIVE.get(id(model))
+        if run is not None:
+            run.update(float(timestep.reshape(-1)[0]))
+        return executor(model, conds, x_in, timestep, model_options)
+
+
+@dataclass
+class _Term:
+    adapter: ScheduledAdapter
+    module: AdapterModule
+    strength: float
+    delta: torch.Tensor | None = None  # float32 ΔW at strength 1 (cache_delta) or None
+
+
+@dataclass
+class _Weight:
+    key: str
+    param: torch.Tensor
+    base: torch.Tensor
+    set_func: Callable | None
+    convert_func: Callable | None
+    terms: list[_Term] = field(default_factory=list)
+    current: tuple[float, ...] | None = None  # strengths now in effect; None = W_base
+
+    def base_fp32(self) -> torch.Tensor:
+        """W_base in float32 on the weight's device, as ComfyUI's patcher prepares it."""
+        temp = self.base.to(self.param.device, torch.float32, copy=True)
+        if self.convert_func is not None:
+            temp = self.convert_func(temp, inplace=True)
+        return temp
+
+    def add_term(self, adapter: ScheduledAdapter | None, module: AdapterModule, strength: float,
+                 cache_delta: bool) -> None:
+        """Add `strength`·ΔW of `module` (ΔW built now in float32 when `cache_delta`)."""
+        term = _Term(adapter, module, strength)
+        if cache_delta:
+            blocks = [dw for _, _, dw in _deltas(module, self.base_fp32())]
+            term.delta = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+        self.terms.append(term)
+
+    def write(self, strengths: tuple[float, ...]) -> None:
+        """param ← W_base + Σ sᵢ·ΔWᵢ with the loader's arithmetic (fp32 sums, ComfyUI's rounding)."""
+        with torch.no_grad():
+            if not any(strengths):
+                self.param.copy_(self.base)
+            elif self._fast(strengths):
+                term = self.terms[0]
+                scaled = torch.mul(term.delta, strengths[0])
+                torch.add(self.base, scaled, out=self.param)
+            else:
+                temp = self.base_fp32()
+                for term, s in zip(self.terms, strengths, strict=True):
+                    if s == 0.0:
+                        continue
+                    if term.delta is not None:
+                        _add_rows(temp, 0, temp.shape[0], term.delta.clone(), s, _identity)
+                    else:
+                        for r0, r1, dw in _deltas(term.module, temp):
+                            _add_rows(temp, r0, r1, dw, s, _identity)
+                seed = comfy.model_patcher.string_to_seed(self.key)
+                if self.set_func is not None:
+                    self.set_func(temp, inplace_update=True, seed=seed)
+                else:
+                    self.param.copy_(comfy.float.stochastic_rounding(temp, self.param.dtype, seed=seed))
+        self.current = strengths
+
+    def _fast(self, strengths: tuple[float, ...]) -> bool:
+        return (len(self.terms) == 1 and self.terms[0].delta is not None
+                and self.param.dtype == torch.float32 and self.base.device == self.param.device
+                and self.set_func is None and self.convert_func is None)
+
+    def restore(self) -> None:
+        if self.current is not None:
+            with torch.no_grad():
+                self.param.copy_(self.base)
+            self.current = None
+
+
+def _deltas(module: AdapterModule, base32: torch.Tensor):
+    """(r0, r1, ΔW rows) at strength 1 in float32 for a weight whose fp32 base is `base32`."""
+    if module.has_dora:  # W' − W0 with the norm of W0 + ΔW: needs the whole W0 (SPEC §5)
+        yield 0, base32.shape[0], module.delta(torch.float32, base=base32)
+        return
+    yield from delta_row_blocks(module, tuple(base32.shape), base32.device)
+
+
+class _Run:
+    """The scheduled weights of one model during one sampler run."""
+
+    def __init__(self, model, offload_device: torch.device, sigmas: list[float]):
+        self.model = model
+        self.offload_device = offload_device
+        self.sigmas = sigmas
+        self.weights: dict[str, _Weight] = {}
+        self.adapters: list[ScheduledAdapter] = []
+        self.last_sigma: float | None = None
+
+    def add(self, adapter: ScheduledAdapter) -> None:
+        self.adapters.append(adapter)
+        for key, (module, strength) in adapter.entries.items():
+            w = self.weights.get(key)
+            if w is None:
+                param, set_func, convert_func = comfy.model_patcher.get_key_weight(self.model, key)
+                where = param.device if adapter.cache_delta else self.offload_device
+                base = param.detach().to(where, copy=True)
+                w = self.weights[key] = _Weight(key, param, base, set_func, convert_func)
+            w.add_term(adapter, module, strength, adapter.cache_delta)
+        self.last_sigma = None
+
+    def update(self, sigma: float) -> None:
+        """Bring every scheduled weight to its strength at `sigma` (no-op when unchanged)."""
+        if sigma == self.last_sigma:
+            return
+        self.last_sigma = sigma
+        factors = {id(a): a.factor(sigma, self) for a in self.adapters}
+        for w in self.weights.values():
+            strengths = tuple(t.strength * factors[id(t.adapter)] for t in w.terms)
+            if strengths != w.current:
+                w.write(strengths)
+
+    def restore(self) -> None:
+        for w in self.weights.values():
+            w.restore()
+
+
+_ACTIVE: dict[int, _Run] = {}
+"""Runs in progress, by id of the BaseModel being sampled."""
+
+
+# --------------------------------------------------------------------------------------------
+# Where the scheduled weights come from: a file (planned by the loader) or a loader's patches
+# --------------------------------------------------------------------------------------------
+
+def plan_from_file(model, clip, path: str, strength_model: float, strength_clip: float,
+                   block_weights: str | BlockWeights, node: str):
+    """Resolve and check `path` exactly as the loader does (same errors, same per-key strengths).
+
+    Returns (entries {diffusion-model key: (module, strength_model × block multiplier)}, CLIP
+    patched statically at strength_clip (text encoding happens once, before sampling), LoadResult).
+    """
+    _, new_clip, result = apply_adapter(model, clip, path, strength_model, strength_clip,
+                                        block_weights, node=node)
+    adapter, _ = cached_adapter(path)
+    names = {key: name for name, key in result.resolution.matched.items()}
+    model_keys = set(model.model.state_dict())
+    entries = {key: (adapter.modules[names[key]], s) for key, s in result.applied.items()
+               if key in model_keys}
+    return entries, new_clip, result
+
+
+def take_over_loader_patches(model, strength_model: float, block_weights: BlockWeights):
+    """Move the LyCORIS patches a loader put on `model` into a schedule.
+
+    Returns (clone of `model` without those patches, entries {key: (module, loader strength ×
+    strength_model × block multiplier)}). Other patches (other LoRAs) stay where they are.
+    Raises ValueError when the model carries no LyCORIS patch or one a schedule cannot represent.
+    """
+    clone = model.clone()
+    entries: dict[str, tuple[AdapterModule, float]] = {}
+    for key in list(clone.patches):
+        kept = []
+        for p in clone.patches[key]:
+            strength, patch, strength_w, offset, function = p
+            if not isinstance(patch, LycorisPatch):
+                kept.append(p)
+                continue
+            if key in entries or strength_w != 1.0 or offset is not None or function is not None:
+                raise AdapterError("this weight carries a LyCORIS patch that a schedule cannot take "
+                                   "over (two LyCORIS loaders on it, or an offset/function patch); "
+                                   "schedule the file by name instead", key=key)
+            entries[key] = (patch.module, strength * strength_model * block_weights.multiplier(key))
+        if kept:
+            clone.patches[key] = kept
+        else:
+            del clone.patches[key]
+    if not entries:
+        raise AdapterError("the model carries no LyCORIS patch: connect LoadLoHa / LoadLoKr / "
+                           "LoadLyCORIS before this node, or pick the file in lora_name")
+    clone.patches_uuid = uuid.uuid4()
+    return clone, entries
