@@ -20,11 +20,10 @@ ones; anything not named keeps multiplier 1.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 
-from .errors import AdapterError
+from .errors import AdapterError, finite_number
 from .keymap import block_of
 
 PRESETS: dict[str, str] = {
@@ -108,13 +107,7 @@ def _targets(name: str, text: str) -> list[str]:
 
 
 def _number(s: str, text: str) -> float:
-    try:
-        value = float(s)
-    except ValueError:
-        raise AdapterError(f"'{s}' is not a number in block weights {text!r}") from None
-    if not math.isfinite(value):
-        raise AdapterError(f"'{s}' is not a finite number in block weights {text!r}")
-    return value
+    return finite_number(s, f"in block weights {text!r}")
 
 
 def _items(text: str) -> list[str]:

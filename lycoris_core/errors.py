@@ -20,3 +20,14 @@ class AdapterError(ValueError):
             parts.append(f"key '{key}'")
         prefix = ": ".join(parts)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+def finite_number(s: str, where: str) -> float:
+    """`float(s)` for a number a user typed; `AdapterError` naming `where` if it is not finite."""
+    try:
+        value = float(s)
+    except ValueError:
+        raise AdapterError(f"'{s}' is not a number {where}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise AdapterError(f"'{s}' is not a finite number {where}")
+    return value

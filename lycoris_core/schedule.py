@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import AdapterError
+from .errors import AdapterError, finite_number
 
 INTERPOLATIONS = ("linear", "cosine", "hold")
 
@@ -131,13 +131,7 @@ _ITEM_SPLIT = re.compile(r"[,;\n]")
 
 
 def _number(s: str, what: str, text: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise AdapterError(f"'{s}' is not a number ({what}) in schedule {text!r}") from None
-    if not math.isfinite(v):
-        raise AdapterError(f"'{s}' is not a finite number ({what}) in schedule {text!r}")
-    return v
+    return finite_number(s, f"({what}) in schedule {text!r}")
 
 
 def _percent(s: str, text: str) -> float:
