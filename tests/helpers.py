@@ -15,8 +15,12 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def golden_cases(fixtures: Path) -> list[str]:
-    return sorted(p.name[: -len(".expected.safetensors")]
-                  for p in fixtures.glob("*.expected.safetensors"))
+    """The golden case names; an error (not an empty list, which pytest would skip) if none."""
+    cases = sorted(p.name[: -len(".expected.safetensors")] for p in fixtures.glob("*.expected.safetensors"))
+    if not cases:
+        raise RuntimeError(f"no golden cases in {fixtures}: the reference fixtures are missing "
+                           "(expected ../shared/fixtures beside the checkout, or set LYCORIS_FIXTURES)")
+    return cases
 
 
 def case_arch(fixtures: Path, case: str) -> str:
