@@ -206,6 +206,16 @@ def adapter_from_tensors(tensors: Mapping[str, torch.Tensor], metadata: Mapping[
     return Adapter(name, dict(metadata or {}), modules, unknown, source=src)
 
 
+def shape_of(value: object) -> tuple[int, ...] | None:
+    """The shape in a `model_weights` mapping value: a weight tensor (or anything with `.shape`,
+    such as a lazily read weight) or a shape; None otherwise."""
+    if hasattr(value, "shape"):
+        return tuple(int(v) for v in value.shape)
+    if isinstance(value, (tuple, list, torch.Size)):
+        return tuple(int(v) for v in value)
+    return None
+
+
 def delta_weights(
     adapter: Adapter,
     model_weights: Mapping[str, torch.Size | tuple[int, ...] | torch.Tensor],
@@ -236,5 +246,5 @@ def delta_weights(
                 raise AdapterError(
                     f"DoRA module needs the weight tensor of {key}, not only its shape",
                     file=adapter.path, key=module.dora_ref.key)
-            deltas[key] = module.delta(torch.float32, shape=tuple(target))
+            deltas[key] = module.delta(torch.float32, shape=shape_of(target))
     return deltas, list(res.unmatched)

@@ -32,7 +32,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from .adapter import Adapter, adapter_from_tensors, load_adapter
+from .adapter import Adapter, adapter_from_tensors, load_adapter, shape_of
 from .errors import AdapterError
 from .keymap import TE_INNER_PREFIX, KeyMap
 from .manifests import manifest
@@ -174,14 +174,6 @@ def _target_keymap(adapter: Adapter, target: Target) -> tuple[KeyMap, Mapping[st
     return KeyMap(list(target)), None
 
 
-def _shape_of(value: object) -> tuple[int, ...] | None:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, (tuple, list, torch.Size)):
-        return tuple(int(v) for v in value)
-    return None
-
-
 # --- planning ------------------------------------------------------------------------------
 
 def plan_conversion(adapter: Adapter, *, to: str, target: Target = "auto",
@@ -223,7 +215,7 @@ def plan_conversion(adapter: Adapter, *, to: str, target: Target = "auto",
     module_renames: dict[str, str] = {}
     for name, model_key in names.items():
         if shapes is not None and name in adapter.modules:
-            shape = _shape_of(shapes.get(model_key))
+            shape = shape_of(shapes.get(model_key))
             if shape is not None:
                 adapter.modules[name].resolved_shape(shape)  # raises when the layer does not fit
         new = comfyui_name(model_key) if to == "comfyui" else sdscripts_name(model_key, te_names)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .adapter import Adapter, adapter_from_tensors
+from .adapter import Adapter, adapter_from_tensors, shape_of
 from .algos import AdapterModule, factorization
 from .convert import comfyui_name, sdscripts_hashes, sdscripts_name
 from .errors import AdapterError
@@ -141,10 +141,6 @@ def _dtype_name(dt: torch.dtype) -> str:
     return next((k for k, v in DTYPES.items() if v == dt), str(dt))
 
 
-def _shape_of(w) -> tuple[int, ...]:
-    return tuple(w.shape) if hasattr(w, "shape") else tuple(w)
-
-
 def default_model_weights(adapters: Sequence[Adapter]) -> dict[str, tuple[int, ...]]:
     """Full-size key shapes of the architecture the adapters were made for ({} when unknown)."""
     archs = {a.guess_architecture()[0] for a in adapters} - {"unknown"}
@@ -176,7 +172,7 @@ def collect_groups(sources: Sequence[tuple[Adapter, float]],
         for name, module in adapter.modules.items():
             key = matched.get(name)
             if key is not None:
-                shape, gid, out = _shape_of(model_weights[key]), key, output_name(key, tes)
+                shape, gid, out = shape_of(model_weights[key]), key, output_name(key, tes)
             else:
                 shape, gid, out = module.natural_shape, "name:" + name, name
             module.resolved_shape(shape)  # raises AdapterError naming file and key on mismatch

@@ -52,6 +52,12 @@ def split_key(key: str) -> tuple[str, str] | None:
 UNET_PREFIXES = ("lora_unet_", "lycoris_")
 TE_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_")
 COMFY_PREFIXES = ("diffusion_model.", "text_encoders.")
+TEXT_ENCODER_NAME_PREFIXES = ("lora_te", "text_encoders.", "lycoris_te")
+
+
+def is_text_encoder_name(module_name: str) -> bool:
+    """Whether a module name, in any spelling, belongs to a text encoder (no model needed)."""
+    return module_name.startswith(TEXT_ENCODER_NAME_PREFIXES)
 
 
 def naming_style(module_name: str) -> str:

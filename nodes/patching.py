@@ -29,13 +29,13 @@ from ..lycoris_core.algos import loha as loha_algo
 from ..lycoris_core.algos import lokr as lokr_algo
 from ..lycoris_core.algos import lora as lora_algo
 from ..lycoris_core.blocks import BlockWeights, parse_block_weights
+from ..lycoris_core.naming import is_text_encoder_name
 
 log = logging.getLogger("lycoris_nodes")
 
 CHUNK_ELEMENTS = 1 << 22
 """Row blocks of ΔW hold at most this many float32 values (16 MiB) unless one row is larger."""
 CACHE_SIZE = 8
-TE_PREFIXES = ("lora_te", "text_encoders.", "lycoris_te")
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,10 +216,6 @@ class LoadResult:
         return [n for n in self.resolution.unmatched if n not in skipped]
 
 
-def _is_te_name(name: str) -> bool:
-    return name.startswith(TE_PREFIXES)
-
-
 def _check_algorithm(adapter: Adapter, expect: str | None, node: str) -> None:
     if expect is None:
         return
@@ -238,7 +234,7 @@ def algo_label(algo: str) -> str:
 def _no_match_error(adapter: Adapter, arch: str, model_keys: int, has_clip: bool) -> AdapterError:
     file_arch, _ = adapter.guess_architecture()
     names = list(adapter.modules)
-    if not has_clip and names and all(_is_te_name(n) for n in names):
+    if not has_clip and names and all(is_text_encoder_name(n) for n in names):
         hint = "it only has text-encoder modules: connect a CLIP"
     else:
         hint = f"the file looks like {file_arch}, the model is {arch}"
@@ -271,7 +267,7 @@ def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: 
                         model_architecture=keymap.architecture, block_weights=bw,
                         strength_model=strength_model, strength_clip=strength_clip, cache_hit=hit)
     if clip is None:
-        result.skipped_te = [n for n in res.unmatched if _is_te_name(n)]
+        result.skipped_te = [n for n in res.unmatched if is_text_encoder_name(n)]
     active = (strength_model != 0.0 and model is not None) or (strength_clip != 0.0 and clip is not None)
     if not res.matched and active:
         raise _no_match_error(adapter, keymap.architecture, len(keymap.keys), clip is not None)
