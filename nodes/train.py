@@ -11,8 +11,6 @@ import logging
 from pathlib import Path
 
 import comfy.model_management as mm
-import comfy.sampler_helpers
-import comfy.samplers
 import comfy.utils
 import folder_paths
 import torch
@@ -24,16 +22,22 @@ from ..lycoris_core.train import checkpoint as ckpt
 from ..lycoris_core.train.loop import OPTIMIZERS, SCHEDULERS, TrainConfig, Trainer
 from ..lycoris_core.train.network import LycorisNetwork, NetworkConfig
 from ..lycoris_core.train.objective import (
-    diffusion_loss,
     gradient_checkpointing,
     loss_curve_image,
     release_inference_tensors,
-    sample_sigmas,
 )
 from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, write_text
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
 from .outputs import output_file
 from .patching import apply_adapter
+from .train_data import (
+    CaptionEncoder,
+    Objective,
+    flatten_conds,
+    flatten_latents,
+    per_item,
+    split_captions,
+)
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -46,8 +50,19 @@ def _inputs() -> list:
         io.Model.Input("model", tooltip="The diffusion model to train on (SDXL or Anima / Cosmos DiT)."),
         io.Latent.Input("latents", tooltip="Training latents (one or more LATENT batches; every "
                         "image is one training item)."),
-        io.Conditioning.Input("positive", tooltip="The conditioning of each training item, in the "
-                              "same order as the latents (one conditioning is used for all)."),
+        io.Conditioning.Input("positive", optional=True, tooltip="The conditioning of each "
+                              "training item, in the same order as the latents (one conditioning "
+                              "is used for all). Not needed when a CLIP and captions are given."),
+        io.Clip.Input("clip", optional=True, tooltip="Connect to train the text encoder(s) too "
+                      "(sd-scripts without --network_train_unet_only): CLIP-L/CLIP-G for SDXL, "
+                      "Qwen3 for Anima. Needs captions."),
+        io.String.Input("captions", optional=True, multiline=True, tooltip="With a CLIP: the "
+                        "caption of each training item, one per line in the order of the latents "
+                        "(or a list of strings; one caption is used for all). Re-encoded at every "
+                        "step so the text-encoder modules learn."),
+        io.Float.Input("text_encoder_lr", default=0.0, min=0.0, max=10.0, step=1e-6, round=False,
+                       optional=True, tooltip="--text_encoder_lr for the text-encoder modules (0 = the learning "
+                       "rate). Used only with a CLIP."),
         C("algorithm", options=["loha", "lokr"], default="loha",
           tooltip="networks.loha (Hadamard product) or networks.lokr (Kronecker product)."),
         Int("network_dim", default=4, min=1, max=4096, tooltip="sd-scripts --network_dim: rank of "
@@ -117,68 +132,6 @@ def _inputs() -> list:
     ]
 
 
-def _flatten_latents(latents: list[dict]) -> list[torch.Tensor]:
-    out: list[torch.Tensor] = []
-    for lat in latents:
-        samples = lat["samples"]
-        out += [samples[i: i + 1] for i in range(samples.shape[0])]
-    return out
-
-
-def _flatten_conds(conds: list) -> list:
-    out = []
-    for c in conds:
-        out += [[item] for item in c]
-    return out
-
-
-class _Objective:
-    """loss(indices) on the host model: conditioning objects, noise, sigma, x0 prediction."""
-
-    def __init__(self, patcher, latents: list[torch.Tensor], conds: list, device, dtype,
-                 min_t: int, max_t: int):
-        self.base = patcher.model
-        self.sampling = patcher.get_model_object("model_sampling")
-        self.options = patcher.model_options.get("transformer_options", {})
-        self.device, self.dtype, self.min_t, self.max_t = device, dtype, min_t, max_t
-        self.x0 = [self.base.process_latent_in(x.to(device, torch.float32)) for x in latents]
-        self.conds = []
-        for x, c in zip(self.x0, conds, strict=True):
-            converted = comfy.sampler_helpers.convert_cond(c)
-            enc = comfy.samplers.encode_model_conds(self.base.extra_conds, converted, x, device,
-                                                    "positive", latent_image=x)
-            self.conds.append({k: v.process_cond(batch_size=1, device=device)
-                               for k, v in enc[0]["model_conds"].items()})
-
-    def _kwargs(self, idx: list[int]) -> dict:
-        first = self.conds[idx[0]]
-        out = {}
-        for k, v in first.items():
-            others = [self.conds[i][k] for i in idx[1:]]
-            out[k] = v.concat(others) if others else v.cond
-        return out
-
-    def __call__(self, idx: list[int]) -> torch.Tensor:
-        groups: dict[tuple, list[int]] = {}
-        for i in idx:
-            groups.setdefault(tuple(self.x0[i].shape), []).append(i)
-        total = 0.0
-        for members in groups.values():
-            x0 = torch.cat([self.x0[i] for i in members])
-            noise = torch.randn(x0.shape).to(self.device)
-            sigma = sample_sigmas(self.sampling, len(members), self.min_t, self.max_t)
-            # conditionings come from nodes run under inference mode: plain copies for autograd
-            kw = {k: (v.to(self.device).clone() if isinstance(v, torch.Tensor) else v)
-                  for k, v in self._kwargs(members).items() if v is not None}
-            ctx = torch.autocast(x0.device.type, dtype=self.dtype) if self.dtype != torch.float32 \
-                else torch.autocast(x0.device.type, enabled=False)
-            with ctx:
-                loss = diffusion_loss(self.base.apply_model, self.sampling, x0, noise, sigma,
-                                      transformer_options=self.options, **kw)
-            total = total + loss * (len(members) / len(idx))
-        return total
-
-
 def _blocks(diffusion_model) -> list:
     out = []
     for name in ("input_blocks", "output_blocks", "blocks"):
@@ -217,6 +170,7 @@ def _network_config(o: dict) -> NetworkConfig:
 
 def _train_config(o: dict) -> TrainConfig:
     return TrainConfig(steps=o["steps"], learning_rate=o["learning_rate"], optimizer=o["optimizer"],
+                       text_encoder_lr=o.get("text_encoder_lr") or None,
                        lr_scheduler=o["lr_scheduler"], lr_warmup_steps=o["lr_warmup_steps"],
                        batch_size=o["batch_size"], grad_accumulation=o["gradient_accumulation_steps"],
                        max_grad_norm=o["max_grad_norm"], seed=o["seed"],
@@ -236,17 +190,34 @@ def _progress(node_id, total: int):
     return on_step
 
 
-def train(model, latents: list[dict], positive: list, o: dict, node_id=None):
-    """Run the training described by the node options `o`; returns (model, path, loss image)."""
+def _dataset(latents: list[dict], positive: list | None, clip, captions: list[str] | None):
+    """(latents, conditionings or None, caption list or None), one entry per training item."""
+    lat = flatten_latents(latents)
+    if not lat:
+        raise ValueError("no training latents")
+    if clip is not None:
+        texts = split_captions(captions)
+        if not texts:
+            raise ValueError("a CLIP is connected (text-encoder training) but the captions are "
+                             "empty: give one caption per line, in the order of the latents")
+        if positive:
+            log.info("TrainLyCORIS: a CLIP is connected, so the captions are encoded at every "
+                     "step and the positive conditionings are not used")
+        return lat, None, per_item(texts, len(lat), "captions")
+    if not positive:
+        raise ValueError("connect the conditionings (positive), or a CLIP with captions")
+    return lat, per_item(flatten_conds(positive), len(lat), "conditionings"), None
+
+
+def train(model, latents: list[dict], positive: list | None, o: dict, node_id=None, clip=None,
+          captions: list[str] | None = None):
+    """Run the training described by the node options `o`.
+
+    Returns (model, path, loss image, clip); the clip is None when none was given.
+    """
     if o["min_timestep"] >= o["max_timestep"]:
         raise ValueError("min_timestep must be smaller than max_timestep")
-    lat = _flatten_latents(latents)
-    conds = _flatten_conds(positive)
-    if len(conds) == 1 and len(lat) > 1:
-        conds = conds * len(lat)
-    if not lat or len(conds) != len(lat):
-        raise ValueError(f"{len(lat)} training latents but {len(conds)} conditionings: give one "
-                         "conditioning per latent, or a single one for all")
+    lat, conds, texts = _dataset(latents, positive, clip, captions)
     net_cfg, cfg = _network_config(o), _train_config(o)
     resume_path = _resolve_resume(o["resume_from"])
     out_file = output_file(o["output_name"])  # <output>/<name>_NNNNN_.safetensors, never outside
@@ -255,19 +226,30 @@ def train(model, latents: list[dict], positive: list, o: dict, node_id=None):
     save_dtype = DTYPES[o["save_precision"]]
 
     patcher = model.clone()
-    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+    te = clip.clone() if clip is not None else None
+    mm.load_models_gpu([patcher] + ([te.patcher] if te else []), memory_required=1e20,
+                       force_full_load=True)
     dm = patcher.model.diffusion_model
     arch = detect_architecture(k for k, _ in patcher.model.named_parameters())
-    named = list(patcher.model.named_modules())
+    modules = [patcher.model] + ([te.cond_stage_model] if te else [])
+
+    def named_layers() -> list:
+        return [nm for m in modules for nm in m.named_modules()]
     with torch.inference_mode(False), torch.enable_grad():
         with torch.random.fork_rng(devices=[]):  # seeded initial factors; host RNG untouched
             torch.manual_seed(o["seed"])
-            net = LycorisNetwork.for_model(named, net_cfg, arch).to(mm.get_torch_device())
-        release_inference_tensors(patcher.model)
-        named = list(patcher.model.named_modules())
-        patcher.model.requires_grad_(False)
-        objective = _Objective(patcher, lat, conds, mm.get_torch_device(),
-                               DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"])
+            net = LycorisNetwork.for_model(named_layers(), net_cfg, arch).to(mm.get_torch_device())
+        if te is not None and not any(t.is_text_encoder for t in net.targets.values()):
+            raise ValueError("the CLIP has no text-encoder layer sd-scripts would train "
+                             "(CLIP-L/CLIP-G self_attn/mlp, Qwen3 attention/mlp)")
+        for m in modules:
+            release_inference_tensors(m)
+            m.requires_grad_(False)
+        named = named_layers()
+        encoder = CaptionEncoder(te, texts) if te is not None else None
+        objective = Objective(patcher, lat, conds, mm.get_torch_device(),
+                              DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"],
+                              encoder=encoder)
         trainer = Trainer(net, cfg, objective, len(lat))
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
@@ -299,10 +281,11 @@ def train(model, latents: list[dict], positive: list, o: dict, node_id=None):
         cmd = sdscripts_command(arch, net_cfg, cfg, output_name=filename, dataset_toml=str(toml),
                                 training_dtype=o["training_dtype"], save_precision=o["save_precision"],
                                 gradient_checkpointing=o["gradient_checkpointing"],
-                                min_timestep=o["min_timestep"], max_timestep=o["max_timestep"])
+                                min_timestep=o["min_timestep"], max_timestep=o["max_timestep"],
+                                train_text_encoder=te is not None)
         write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + "\n")
-    new_model, _, _ = apply_adapter(model, None, str(final), 1.0, 0.0, node="TrainLyCORIS")
-    return new_model, str(final), loss_curve_image(trainer.losses)
+    new_model, new_clip, _ = apply_adapter(model, clip, str(final), 1.0, 1.0, node="TrainLyCORIS")
+    return new_model, str(final), loss_curve_image(trainer.losses), new_clip
 
 
 class TrainLyCORIS(io.ComfyNode):
@@ -323,16 +306,20 @@ class TrainLyCORIS(io.ComfyNode):
                 io.String.Output(display_name="path", tooltip="The saved adapter file."),
                 io.Image.Output(display_name="loss", tooltip="Loss per step (grey) and its "
                                 "running mean (blue)."),
+                io.Clip.Output(display_name="clip", tooltip="The input CLIP with the trained "
+                               "text-encoder modules applied at strength 1 (empty without a CLIP)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, **kwargs) -> io.NodeOutput:
+    def execute(cls, model, latents, positive=None, clip=None, captions=None,
+                **kwargs) -> io.NodeOutput:
         opts = {k: v[0] if isinstance(v, list) else v for k, v in kwargs.items()}
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        m, path, img = train(model[0], latents, positive, opts, node_id)
-        return io.NodeOutput(m, path, img)
+        m, path, img, new_clip = train(model[0], latents, positive, opts, node_id,
+                                       clip=clip[0] if clip else None, captions=captions)
+        return io.NodeOutput(m, path, img, new_clip)
 
 
 TRAIN_NODES = [TrainLyCORIS]

@@ -100,11 +100,11 @@ def eval_loss(model, kind: str, timesteps: tuple[int, int], draws: int = 6) -> f
     import comfy.model_management as mm
     import comfy_host
 
-    tr = sys.modules[comfy_host.PACK_MODULE + ".nodes.train"]
+    tr = sys.modules[comfy_host.PACK_MODULE + ".nodes.train_data"]
     lat, cond = TEST_DATA[kind]()
     mm.unload_all_models()
     mm.load_models_gpu([model], force_full_load=True)
-    ob = tr._Objective(model, tr._flatten_latents([lat]), tr._flatten_conds([cond]), "cpu",
+    ob = tr.Objective(model, tr.flatten_latents([lat]), tr.flatten_conds([cond]), "cpu",
                        torch.float32, *timesteps)
     with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(123)
@@ -120,10 +120,9 @@ def patched_weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind,algo,extra", [
-    ("sdxl", "loha", {"steps": 8, "learning_rate": 0.03, "conv_dim": 4, "conv_alpha": 4.0,
-                      "min_timestep": 950, "max_timestep": 1000}),
-    ("sdxl", "lokr", {"learning_rate": 0.03, "conv_dim": 4, "conv_alpha": 4.0, "factor": 4,
-                      "min_timestep": 950, "max_timestep": 1000}),
+    ("sdxl", "loha", {"steps": 30, "learning_rate": 0.03}),
+    ("sdxl", "lokr", {"steps": 30, "learning_rate": 0.03, "conv_dim": 4, "conv_alpha": 4.0,
+                      "factor": 4}),
     ("dit", "loha", {"steps": 30}),
     ("dit", "lokr", {"steps": 30, "network_dim": 2, "network_alpha": 2.0, "factor": 4,
                      "use_scalar": True}),
@@ -133,7 +132,8 @@ def test_train_overfits_saves_and_reloads(executor, data_node, host, kind, algo,
 
     extra = {"steps": 20, **extra}
     out = run_ok(executor, graph(kind, algorithm=algo, output_name=f"lycoris/{kind}_{algo}", **extra))
-    trained, path, image = out
+    trained, path, image, clip = out
+    assert clip is None  # no CLIP in: no CLIP out
     path = Path(path)
     assert path.is_file() and path.parent.is_relative_to(host.base_dir / "output")
     assert image.shape[0] == 1 and image.shape[-1] == 3 and float(image.min()) < 0.5
@@ -148,13 +148,9 @@ def test_train_overfits_saves_and_reloads(executor, data_node, host, kind, algo,
     tensors, info = read_state(path)
     losses = info["losses"]
     assert len(losses) == extra["steps"]
-    if kind == "dit":  # the DiT overfits visibly within 30 steps
-        assert after < 0.8 * before, (before, after)
-        assert sum(losses[-5:]) < 0.85 * sum(losses[:5]), losses
-    elif algo == "lokr":  # the tiny SDXL's fixed 0.02-std output conv caps what adapters change
-        assert after < 0.99 * before, (before, after)
-    else:  # LoHa on the tiny SDXL barely moves its loss in a few steps: only check it stays sane
-        assert abs(after - before) < 0.05 * before and all(math.isfinite(x) for x in losses)
+    # measured (seed 0): tiny SDXL 0.80 (LoHa) / 0.36 (LoKr + conv), tiny DiT 0.37 / 0.53
+    assert after < 0.85 * before, (before, after)
+    assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
 
     # file: sd-scripts names, expected algorithm tensors and ss_* metadata
     ad = load_adapter(path)
@@ -170,8 +166,12 @@ def test_train_overfits_saves_and_reloads(executor, data_node, host, kind, algo,
     assert all(n.startswith("lora_unet_") for n in ad.modules)
     if kind == "sdxl":
         assert "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q" in ad.modules
-        conv = ad.modules["lora_unet_input_blocks_1_0_in_layers_2"]  # conv_dim: a ResBlock conv
-        assert math.prod(conv.natural_shape) == 32 * 32 * 3 * 3
+        resblock_conv = "lora_unet_input_blocks_1_0_in_layers_2"
+        if extra.get("conv_dim"):  # conv_dim adds the ResBlock convs, as in sd-scripts
+            assert math.prod(ad.modules[resblock_conv].natural_shape) == 32 * 32 * 3 * 3
+            assert args["conv_dim"] == "4"
+        else:
+            assert resblock_conv not in ad.modules and "conv_dim" not in args
     else:
         assert "lora_unet_blocks_0_self_attn_q_proj" in ad.modules
         assert not any("adaln_modulation" in n or "embedder" in n for n in ad.modules)
@@ -219,16 +219,16 @@ def test_resume_from_a_saved_step_continues_exactly(executor, data_node, host):
 
     opts = dict(algorithm="lokr", network_dim=2, network_alpha=2.0, factor=4, steps=4,
                 rank_dropout=0.1, module_dropout=0.1, lr_scheduler="cosine", lr_warmup_steps=1)
-    _, full, _ = run_ok(executor, graph("dit", save_every_n_steps=2, output_name="lycoris/full",
+    _, full, _, _ = run_ok(executor, graph("dit", save_every_n_steps=2, output_name="lycoris/full",
                                         **opts))
     half = sorted((host.base_dir / "output" / "lycoris").glob("full_*step000002.safetensors"))
     assert len(half) == 1
-    _, resumed, _ = run_ok(executor, graph("dit", resume_from=str(half[0]),
+    _, resumed, _, _ = run_ok(executor, graph("dit", resume_from=str(half[0]),
                                            output_name="lycoris/resumed", **opts))
     a, b = load_file(full), load_file(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert read_state(full)[1]["losses"] == read_state(resumed)[1]["losses"]
-    _, fresh, _ = run_ok(executor, graph("dit", output_name="lycoris/fresh",
+    _, fresh, _, _ = run_ok(executor, graph("dit", output_name="lycoris/fresh",
                                          **{**opts, "steps": 2}))
     assert not all(torch.equal(a[k], load_file(fresh)[k]) for k in a)
 
@@ -237,7 +237,7 @@ def test_resume_from_a_saved_step_continues_exactly(executor, data_node, host):
 def test_comfyui_own_loader_applies_the_same_delta(executor, data_node, host, algo):
     import shutil
 
-    _, path, _ = run_ok(executor, graph("sdxl", algorithm=algo, steps=2, learning_rate=0.05,
+    _, path, _, _ = run_ok(executor, graph("sdxl", algorithm=algo, steps=2, learning_rate=0.05,
                                         conv_dim=4, conv_alpha=2.0, factor=4,
                                         output_name=f"lycoris/comfy_{algo}"))
     name = f"train_{algo}_{Path(path).name}"
@@ -264,7 +264,7 @@ def test_comfyui_own_loader_applies_the_same_delta(executor, data_node, host, al
 def test_bf16_checkpointing_and_sdscripts_config(executor, data_node, host):
     """The default training dtype (bf16 autocast), gradient checkpointing and the sd-scripts
     writer, end to end on the DiT."""
-    _, path, _ = run_ok(executor, graph("dit", algorithm="lokr", steps=3, training_dtype="bf16",
+    _, path, _, _ = run_ok(executor, graph("dit", algorithm="lokr", steps=3, training_dtype="bf16",
                                         gradient_checkpointing=True, write_sdscripts_config=True,
                                         train_llm_adapter=True, save_precision="fp16",
                                         output_name="lycoris/bf16"))

@@ -20,13 +20,15 @@ class LycorisTestModel(io.ComfyNode):
         return io.Schema(
             node_id="LycorisTestModel",
             inputs=[io.Combo.Input("kind", options=["tiny_sdxl", "golden_sdxl", "tiny_dit",
-                                                    "golden_dit"]),
+                                                    "golden_dit", "tiny_anima"]),
                     io.Int.Input("seed", default=0)],
             outputs=[io.Model.Output(), io.Clip.Output()],
         )
 
     @classmethod
     def execute(cls, kind, seed) -> io.NodeOutput:
+        if kind == "tiny_anima":  # the tiny DiT with a tiny Qwen3 text encoder
+            return io.NodeOutput(models.dit_model("tiny", seed), models.anima_clip(seed))
         variant, family = kind.split("_")
         if family == "sdxl":
             return io.NodeOutput(models.sdxl_model(variant, seed), models.sdxl_clip(seed))

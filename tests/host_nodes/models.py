@@ -13,14 +13,24 @@ from __future__ import annotations
 import torch
 
 
+def _is_norm(module: torch.nn.Module) -> bool:
+    """GroupNorm / LayerNorm / RMSNorm, whatever the layer is called (SDXL's `out.0`,
+    `in_layers.0` are GroupNorms without "norm" in their names)."""
+    names = {c.__name__ for c in type(module).__mro__}
+    return bool(names & {"GroupNorm", "LayerNorm", "RMSNorm"})
+
+
 def _fill(module: torch.nn.Module, seed: int) -> None:
-    """Seeded values at the usual init scale (std 1/√fan_in for matrices), so activations and
-    model outputs are O(1) and an adapter visibly changes what the sampler produces."""
+    """Seeded values at the usual init scale (std 1/√fan_in for matrices, ≈1 for norm scales),
+    so activations and model outputs are O(1) and an adapter visibly changes what the sampler
+    produces."""
     g = torch.Generator().manual_seed(seed)
+    norms = {id(p) for m in module.modules() if _is_norm(m)
+             for n, p in m.named_parameters(recurse=False) if n == "weight"}
     with torch.no_grad():
         for name, p in sorted(module.named_parameters(), key=lambda kv: kv[0]):
             noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if "norm" in name and name.endswith("weight"):
+            if id(p) in norms or ("norm" in name and name.endswith("weight")):
                 p.copy_(1.0 + 0.02 * noise)
             elif p.dim() >= 2:
                 p.copy_(noise / max(1, p[0].numel()) ** 0.5)
@@ -110,5 +120,51 @@ def sdxl_clip(seed: int = 0):
     target = comfy.supported_models_base.ClipTarget(comfy.sdxl_clip.SDXLTokenizer,
                                                     comfy.sdxl_clip.SDXLClipModel)
     clip = comfy.sd.CLIP(target=target, model_options=options)
+    _fill(clip.cond_stage_model, seed)
+    return clip
+
+
+QWEN3_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 2, "num_key_value_heads": 1}
+"""Anima's Qwen3-0.6B text encoder shrunk to width 32 (= the tiny DiT's cross-attention width)."""
+
+
+def anima_clip(seed: int = 0):
+    """A real `comfy.sd.CLIP` over ComfyUI's own Qwen3 (`text_encoders.llama.Qwen3_4B` classes at
+    the tiny size) under Anima's key names `qwen3_06b.transformer.model.layers.N.…`, with the
+    real Qwen tokenizer. 0.3.75 has no Anima text encoder of its own; its Qwen3 is the same
+    architecture."""
+    import comfy.sd
+    import comfy.supported_models_base
+    import comfy.text_encoders.llama
+    import comfy.text_encoders.z_image as zi
+    from comfy import sd1_clip
+
+    class Tokenizer(zi.Qwen3Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006 (ComfyUI's)
+            super().__init__(embedding_directory, tokenizer_data)
+            self.embedding_size, self.embedding_key = 32, "qwen3_06b"
+
+    class TE(sd1_clip.SDClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+            super().__init__(device=device, layer="last", textmodel_json_config=dict(QWEN3_TINY),
+                             dtype=dtype, special_tokens={"pad": 151643},
+                             layer_norm_hidden_state=False, return_projected_pooled=False,
+                             model_class=comfy.text_encoders.llama.Qwen3_4B,
+                             enable_attention_masks=True, return_attention_masks=False,
+                             model_options=model_options)
+
+    class AnimaTokenizer(sd1_clip.SD1Tokenizer):
+        def __init__(self, embedding_directory=None, tokenizer_data={}):  # noqa: B006
+            super().__init__(embedding_directory, tokenizer_data, name="qwen3_06b",
+                             tokenizer=Tokenizer)
+
+    class AnimaTE(sd1_clip.SD1ClipModel):
+        def __init__(self, device="cpu", dtype=None, model_options={}):  # noqa: B006
+            super().__init__(device=device, dtype=dtype, name="qwen3_06b", clip_model=TE,
+                             model_options=model_options)
+
+    target = comfy.supported_models_base.ClipTarget(AnimaTokenizer, AnimaTE)
+    clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     _fill(clip.cond_stage_model, seed)
     return clip

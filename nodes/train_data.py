@@ -1,0 +1,142 @@
+"""The training set of TrainLyCORIS as the host model sees it: latents, conditionings, captions.
+
+Without a CLIP, each item's conditioning is fixed (encoded once, outside training). With a CLIP
+the text encoders are trained too: each item's caption is re-encoded at every step, with
+gradients flowing into the text-encoder modules, and turned into the model's inputs the way
+the sampler does it (`encode_model_conds`: SDXL's pooled `y` vector included).
+"""
+
+from __future__ import annotations
+
+import comfy.sampler_helpers
+import comfy.samplers
+import torch
+
+from ..lycoris_core.train.objective import diffusion_loss, sample_sigmas
+
+
+def flatten_latents(latents: list[dict]) -> list[torch.Tensor]:
+    """LATENT batches → one (1, C, [T,] H, W) tensor per training item."""
+    out: list[torch.Tensor] = []
+    for lat in latents:
+        samples = lat["samples"]
+        out += [samples[i: i + 1] for i in range(samples.shape[0])]
+    return out
+
+
+def flatten_conds(conds: list) -> list:
+    """CONDITIONING lists → one single-entry CONDITIONING per training item."""
+    out = []
+    for c in conds:
+        out += [[item] for item in c]
+    return out
+
+
+def split_captions(captions: list[str] | None) -> list[str]:
+    """Captions from the node input: several strings (a list input) are one caption each; a
+    single string holds one caption per non-empty line."""
+    texts = [c for c in (captions or []) if isinstance(c, str)]
+    if len(texts) == 1:
+        texts = texts[0].splitlines()
+    return [t.strip() for t in texts if t.strip()]
+
+
+def per_item(values: list, n: int, what: str) -> list:
+    """`values` for `n` items: one value is used for every item, otherwise one per item."""
+    if len(values) == 1 and n > 1:
+        values = values * n
+    if len(values) != n:
+        raise ValueError(f"{n} training latents but {len(values)} {what}: give one per latent "
+                         "(in the same order), or a single one for all")
+    return values
+
+
+def _keep_saved(t: torch.Tensor) -> torch.Tensor:
+    """Pack hook: a private copy of an activation saved for backward (parameters as they are).
+
+    ComfyUI's text encoders add residuals in place (`x += attn(norm(x))`), which is fine for
+    inference but overwrites activations that autograd saved once the text encoder carries
+    trainable modules. Copying the saved activations at save time keeps their values; frozen
+    weights and the trainable factors are never copied.
+    """
+    if isinstance(t, torch.nn.Parameter) or (t.grad_fn is None and not t.requires_grad):
+        return t
+    return t.clone()
+
+
+class CaptionEncoder:
+    """Encodes item i's caption with a CLIP whose text-encoder modules are being trained.
+
+    The CLIP must already be loaded (the trainer loads it with the diffusion model); encoding
+    reuses the CLIP's own layer choice (CLIP Set Last Layer) and returns a CONDITIONING entry.
+    """
+
+    def __init__(self, clip, captions: list[str]):
+        self.clip = clip
+        self.tokens = [clip.tokenize(c) for c in captions]
+
+    def __call__(self, i: int) -> list:
+        model = self.clip.cond_stage_model
+        model.reset_clip_options()
+        if self.clip.layer_idx is not None:
+            model.set_clip_options({"layer": self.clip.layer_idx})
+        with torch.autograd.graph.saved_tensors_hooks(_keep_saved, lambda t: t):
+            out = model.encode_token_weights(self.tokens[i])
+        extra = {"pooled_output": out[1], **(out[2] if len(out) > 2 else {})}
+        return [[out[0], extra]]
+
+
+class Objective:
+    """loss(indices) on the host model: conditionings, noise, sigma, x0 prediction.
+
+    `conds` holds one CONDITIONING per item, or None when `encoder` produces them every call.
+    """
+
+    def __init__(self, patcher, latents: list[torch.Tensor], conds: list | None, device, dtype,
+                 min_t: int, max_t: int, encoder: CaptionEncoder | None = None):
+        self.base = patcher.model
+        self.sampling = patcher.get_model_object("model_sampling")
+        self.options = patcher.model_options.get("transformer_options", {})
+        self.device, self.dtype, self.min_t, self.max_t = device, dtype, min_t, max_t
+        self.encoder = encoder
+        self.x0 = [self.base.process_latent_in(x.to(device, torch.float32)) for x in latents]
+        self.conds = None if encoder is not None else \
+            [self._model_conds(c, x) for x, c in zip(self.x0, conds, strict=True)]
+
+    def _model_conds(self, cond: list, x: torch.Tensor) -> dict:
+        converted = comfy.sampler_helpers.convert_cond(cond)
+        enc = comfy.samplers.encode_model_conds(self.base.extra_conds, converted, x, self.device,
+                                                "positive", latent_image=x)
+        return {k: v.process_cond(batch_size=1, device=self.device)
+                for k, v in enc[0]["model_conds"].items()}
+
+    def _kwargs(self, idx: list[int]) -> dict:
+        if self.encoder is None:
+            items = [self.conds[i] for i in idx]
+        else:
+            items = [self._model_conds(self.encoder(i), self.x0[i]) for i in idx]
+        out = {}
+        for k, v in items[0].items():
+            others = [c[k] for c in items[1:]]
+            out[k] = v.concat(others) if others else v.cond
+        # fixed conditionings come from nodes run under inference mode: plain copies for autograd
+        return {k: (v.to(self.device).clone() if isinstance(v, torch.Tensor) else v)
+                for k, v in out.items() if v is not None}
+
+    def __call__(self, idx: list[int]) -> torch.Tensor:
+        groups: dict[tuple, list[int]] = {}
+        for i in idx:
+            groups.setdefault(tuple(self.x0[i].shape), []).append(i)
+        total = 0.0
+        for members in groups.values():
+            x0 = torch.cat([self.x0[i] for i in members])
+            noise = torch.randn(x0.shape).to(self.device)
+            sigma = sample_sigmas(self.sampling, len(members), self.min_t, self.max_t)
+            ctx = torch.autocast(x0.device.type, dtype=self.dtype) if self.dtype != torch.float32 \
+                else torch.autocast(x0.device.type, enabled=False)
+            with ctx:
+                kw = self._kwargs(members)
+                loss = diffusion_loss(self.base.apply_model, self.sampling, x0, noise, sigma,
+                                      transformer_options=self.options, **kw)
+            total = total + loss * (len(members) / len(idx))
+        return total
