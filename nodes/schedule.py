@@ -12,7 +12,7 @@ from ..lycoris_core.blocks import parse_block_weights
 from ..lycoris_core.schedule import INTERPOLATIONS, PRESET_HELP, parse_schedule, render_curve
 from .loaders import BLOCK_TOOLTIP
 from .patching import cache_key
-from .schedule_patching import TIMINGS, ScheduledAdapter, plan_from_file, take_over_loader_patches
+from .patching.scheduled import TIMINGS, ScheduledAdapter, plan_from_file, take_over_loader_patches
 
 log = logging.getLogger("lycoris_nodes")
 

@@ -190,7 +190,7 @@ def test_write_uses_the_loaders_arithmetic(host, fixtures_dir, case, dtype, cach
     import comfy.model_patcher
     from safetensors.torch import load_file
 
-    sp, pt = host.pack.nodes.schedule_patching, host.pack.nodes.patching
+    sp, pt = host.pack.nodes.patching.scheduled, host.pack.nodes.patching
     adapter, _ = pt.cached_adapter(str(fixtures_dir / f"{case}.safetensors"))
     (module,) = adapter.modules.values()
     (key, dw), = load_file(fixtures_dir / f"{case}.expected.safetensors").items()

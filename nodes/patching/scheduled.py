@@ -33,11 +33,11 @@ import comfy.patcher_extension
 import comfy.utils
 import torch
 
-from ..lycoris_core import AdapterError
-from ..lycoris_core.algos import AdapterModule
-from ..lycoris_core.blocks import BlockWeights
-from ..lycoris_core.schedule import Schedule, percent_along_sigmas
-from .patching import LycorisPatch, _add_rows, _identity, apply_adapter, cached_adapter, delta_row_blocks
+from ...lycoris_core import AdapterError
+from ...lycoris_core.algos import AdapterModule
+from ...lycoris_core.blocks import BlockWeights
+from ...lycoris_core.schedule import Schedule, percent_along_sigmas
+from .static import LycorisPatch, _add_rows, _identity, apply_adapter, cached_adapter, delta_row_blocks
 
 log = logging.getLogger("lycoris_nodes")
 

@@ -1,4 +1,4 @@
-"""The only place that touches ComfyUI's ModelPatcher: LyCORIS adapters as exact fp32 weight patches.
+"""LyCORIS adapters as exact fp32 weight patches at a constant strength (the loaders' path).
 
 Each adapted weight gets one `LycorisPatch` (a `comfy.weight_adapter.WeightAdapterBase`, the patch
 kind ComfyUI's `comfy.lora.calculate_weight` dispatches to in 0.3.75 and in current versions).
@@ -22,14 +22,14 @@ import comfy.weight_adapter
 import safetensors.torch
 import torch
 
-from ..lycoris_core import AdapterError, KeyMap, Resolution, adapter_from_tensors, load_adapter
-from ..lycoris_core.adapter import Adapter
-from ..lycoris_core.algos import AdapterModule
-from ..lycoris_core.algos import loha as loha_algo
-from ..lycoris_core.algos import lokr as lokr_algo
-from ..lycoris_core.algos import lora as lora_algo
-from ..lycoris_core.blocks import BlockWeights, parse_block_weights
-from ..lycoris_core.naming import is_text_encoder_name
+from ...lycoris_core import AdapterError, KeyMap, Resolution, adapter_from_tensors, load_adapter
+from ...lycoris_core.adapter import Adapter
+from ...lycoris_core.algos import AdapterModule
+from ...lycoris_core.algos import loha as loha_algo
+from ...lycoris_core.algos import lokr as lokr_algo
+from ...lycoris_core.algos import lora as lora_algo
+from ...lycoris_core.blocks import BlockWeights, parse_block_weights
+from ...lycoris_core.naming import is_text_encoder_name
 
 log = logging.getLogger("lycoris_nodes")
 

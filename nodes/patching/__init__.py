@@ -1,0 +1,21 @@
+"""The only place that touches ComfyUI's ModelPatcher.
+
+- `static`: an adapter applied at a constant strength as exact fp32 weight patches (loaders,
+  training output, merges); the load report and the adapter cache.
+- `scheduled`: strength changing over sampling steps (LyCORISStrengthSchedule), built on the
+  static patch arithmetic.
+"""
+
+from .static import (
+    LoadResult,
+    LycorisPatch,
+    algo_label,
+    apply_adapter,
+    cache_key,
+    cached_adapter,
+    clear_cache,
+    delta_row_blocks,
+)
+
+__all__ = ["LoadResult", "LycorisPatch", "algo_label", "apply_adapter", "cache_key",
+           "cached_adapter", "clear_cache", "delta_row_blocks"]
