@@ -3,6 +3,7 @@ captions re-encoded at every step, through a real ComfyUI graph."""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import torch
 from test_train_graph import DEFAULTS, TEST_DATA, data_node, one_thread  # noqa: F401
 
 from lycoris_core import KeyMap, load_adapter
+from lycoris_core.train.checkpoint import read_state
 
 pytestmark = pytest.mark.usefixtures("one_thread", "data_node")  # fixtures of test_train_graph
 
@@ -148,3 +150,12 @@ def test_resume_with_text_encoders_continues_exactly(executor, host):
     a, b = load_file(full), load_file(resumed)
     assert any(k.startswith("lora_te_") for k in a)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_text_encoders_train_under_the_default_bf16_autocast(executor):
+    (_, path, _, _), _ = run(executor, "sdxl", steps=2, training_dtype="bf16",
+                             gradient_checkpointing=True, output_name="lycoris/te_bf16")
+    ad = load_adapter(path)
+    te2 = [m for n, m in ad.modules.items() if n.startswith("lora_te2_")]
+    assert te2 and all(float(m.delta().abs().max()) > 0 for m in te2)
+    assert all(math.isfinite(x) for x in read_state(path)[1]["losses"])
