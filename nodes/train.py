@@ -30,14 +30,7 @@ from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, writ
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
 from .outputs import output_file
 from .patching import apply_adapter
-from .train_data import (
-    CaptionEncoder,
-    Objective,
-    flatten_conds,
-    flatten_latents,
-    per_item,
-    split_captions,
-)
+from .train_data import CaptionEncoder, Objective, training_items
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -190,25 +183,6 @@ def _progress(node_id, total: int):
     return on_step
 
 
-def _dataset(latents: list[dict], positive: list | None, clip, captions: list[str] | None):
-    """(latents, conditionings or None, caption list or None), one entry per training item."""
-    lat = flatten_latents(latents)
-    if not lat:
-        raise ValueError("no training latents")
-    if clip is not None:
-        texts = split_captions(captions)
-        if not texts:
-            raise ValueError("a CLIP is connected (text-encoder training) but the captions are "
-                             "empty: give one caption per line, in the order of the latents")
-        if positive:
-            log.info("TrainLyCORIS: a CLIP is connected, so the captions are encoded at every "
-                     "step and the positive conditionings are not used")
-        return lat, None, per_item(texts, len(lat), "captions")
-    if not positive:
-        raise ValueError("connect the conditionings (positive), or a CLIP with captions")
-    return lat, per_item(flatten_conds(positive), len(lat), "conditionings"), None
-
-
 def train(model, latents: list[dict], positive: list | None, o: dict, node_id=None, clip=None,
           captions: list[str] | None = None):
     """Run the training described by the node options `o`.
@@ -217,7 +191,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
     """
     if o["min_timestep"] >= o["max_timestep"]:
         raise ValueError("min_timestep must be smaller than max_timestep")
-    lat, conds, texts = _dataset(latents, positive, clip, captions)
+    lat, conds, texts = training_items(latents, positive, clip, captions)
     net_cfg, cfg = _network_config(o), _train_config(o)
     resume_path = _resolve_resume(o["resume_from"])
     out_file = output_file(o["output_name"])  # <output>/<name>_NNNNN_.safetensors, never outside

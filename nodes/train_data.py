@@ -8,11 +8,15 @@ the sampler does it (`encode_model_conds`: SDXL's pooled `y` vector included).
 
 from __future__ import annotations
 
+import logging
+
 import comfy.sampler_helpers
 import comfy.samplers
 import torch
 
 from ..lycoris_core.train.objective import diffusion_loss, sample_sigmas
+
+log = logging.getLogger("lycoris_nodes")
 
 
 def flatten_latents(latents: list[dict]) -> list[torch.Tensor]:
@@ -49,6 +53,26 @@ def per_item(values: list, n: int, what: str) -> list:
         raise ValueError(f"{n} training latents but {len(values)} {what}: give one per latent "
                          "(in the same order), or a single one for all")
     return values
+
+
+def training_items(latents: list[dict], positive: list | None, clip, captions: list[str] | None):
+    """The node's training set: (latents, conditionings or None, captions or None), one entry
+    per item. With a CLIP the captions are used (re-encoded every step), otherwise `positive`."""
+    lat = flatten_latents(latents)
+    if not lat:
+        raise ValueError("no training latents")
+    if clip is not None:
+        texts = split_captions(captions)
+        if not texts:
+            raise ValueError("a CLIP is connected (text-encoder training) but the captions are "
+                             "empty: give one caption per line, in the order of the latents")
+        if positive:
+            log.info("TrainLyCORIS: a CLIP is connected, so the captions are encoded at every "
+                     "step and the positive conditionings are not used")
+        return lat, None, per_item(texts, len(lat), "captions")
+    if not positive:
+        raise ValueError("connect the conditionings (positive), or a CLIP with captions")
+    return lat, per_item(flatten_conds(positive), len(lat), "conditionings"), None
 
 
 def _keep_saved(t: torch.Tensor) -> torch.Tensor:
