@@ -1,17 +1,28 @@
 """ΔW reconstruction at real SDXL / Anima layer shapes: the pack against its references.
 
-Contestants, per case (all in float32, CPU, interleaved in one process):
-- pack            `lycoris_core.algos.<algo>.diff_weight(factors, scale)`
-- pack .delta()   `AdapterModule.delta(shape=layer)` on an in-memory adapter (the path the
-                  nodes use: reads the factors, checks them, reshapes)
+Contestants, per case (all in float32, CPU, interleaved round by round in one process):
+- pack            `lycoris_core.algos.<algo>.diff_weight(factors, scale)`, called again and again:
+                  the steady state of building ΔW one layer at a time for layers of one shape
+                  (baking, merging, `AdapterModule.delta()` over a model's blocks). A ΔW of 32 MiB
+                  or more then gets the huge-page mapping the previous one freed
+                  (`algos.buffers` pool); a smaller one gets glibc's reused heap block.
+- pack cold       (ΔW ≥ 32 MiB only) the same with the pool emptied before each call: the first
+                  layer of its size, on fresh memory that the kernel must fault in and zero.
+- pack .delta()   `AdapterModule.delta(shape=layer)` on an in-memory adapter (reads the factors,
+                  checks them for NaN/Inf and ΔW for overflow, reshapes)
 - lycoris         lycoris-lora 4.1.3 functional `diff_weight(..., backend="torch")`
-- pack ΔW+add     `W.add_(diff_weight(...))`: the same job as ComfyUI's adapter, for a fair ratio
+- pack patch      `nodes.patching.LycorisPatch.calculate_weight(W, …)`: what ComfyUI calls to
+                  patch a weight with this pack (ΔW built in row blocks of ≤ 16 MiB and added into
+                  W in float32), compared with ComfyUI's own adapter doing the same job:
 - comfyui ΔW+add  ComfyUI 0.3.75 `comfy.weight_adapter.<X>Adapter.load(...)
                   .calculate_weight(W, ...)`, which builds ΔW and adds it into W
-- bound           (bytes of ΔW written + bytes of factors read) / measured copy bandwidth
-- floor           allocating a ΔW-sized float32 output (`algos.buffers.empty`) and writing it
-                  once (`fill_`): what any ΔW producer pays at least, page faults included
+- bound           (bytes of ΔW written + bytes of factors read) / copy bandwidth, measured by a
+                  64 MiB `dst.copy_(src)` timed in the same rounds (read + written bytes)
+- floor           allocating a ΔW-sized float32 output (`algos.buffers.empty`, steady state like
+                  `pack`) and writing it once (`fill_`)
 
+Ratios pack/lycoris, patch/comfyui and pack/bound are the medians of per-round ratios (each pair measured
+seconds apart, see `common.paired_ratio`); their quartiles are kept in the JSON.
 Before timing, every case checks that the contestants agree (relative error 1e-5), so a fast
 wrong answer cannot win.
 """
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -31,13 +43,18 @@ from lycoris_core.algos import loha as loha_algo
 from lycoris_core.algos import lokr as lokr_algo
 from lycoris_core.algos import lora as lora_algo
 
-from .common import bound_seconds, comfy_host, copy_bandwidth, interleaved, ratio, row
+from .common import comfy_host, copy_bandwidth, interleaved, paired_ratio, ratio, row, summarise
 
 BENCH = "ΔW reconstruction (ms, float32)"
 MODULE = "lora_unet_bench_layer"
 TOL = 1e-5
 
 ALGOS = {"loha": loha_algo, "lokr": lokr_algo, "lora": lora_algo}
+COPY_BYTES = 64 << 20
+"""Buffer size of the in-round copy that sets the bound (out of a 32 MiB L3 cache)."""
+PAIRS = (("pack/lycoris", "pack", "lycoris"), (".delta()/lycoris", "pack .delta()", "lycoris"),
+         ("patch/comfyui", "pack patch", "comfyui ΔW+add"))
+"""Paired per-round ratios reported (name, contestant, reference)."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +186,20 @@ def _identity(x):
     return x
 
 
+def _patch_class():
+    """`LycorisPatch` of the pack as ComfyUI loaded it (nodes/ imports comfy: booted first)."""
+    import importlib
+
+    return importlib.import_module(f"{comfy_host().pack.__name__}.nodes.patching").LycorisPatch
+
+
+def _cold(fn: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+    def call():
+        buffers.clear_pool()
+        return fn()
+    return call
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     got, want = got.double().reshape(-1), want.double().reshape(-1)
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
@@ -184,15 +215,20 @@ def contestants(case: Case, with_comfy: bool = True) -> tuple[dict[str, Callable
     want = algo.diff_weight(f, scale).reshape(case.shape)
     check = {"pack .delta()": _rel_err(module.delta(shape=case.shape), want),
              "lycoris": _rel_err(ly() * ly_fix, want)}
-    w_pack = torch.zeros(case.shape)
     fns: dict[str, Callable] = {
         "pack": lambda: algo.diff_weight(f, scale),
         "pack .delta()": lambda: module.delta(shape=case.shape),
         "lycoris": ly,
-        "pack ΔW+add": lambda: w_pack.add_(algo.diff_weight(f, scale).reshape(case.shape)),
         "floor": lambda: buffers.empty(case.shape).fill_(0.0),
     }
+    if buffers.is_large(math.prod(case.shape), torch.float32):
+        fns["pack cold"] = _cold(fns["pack"])
     if with_comfy:
+        patch = _patch_class()(module, "bench")
+        w_pack = torch.zeros(case.shape)
+        check["pack patch"] = _rel_err(patch.calculate_weight(w_pack, "bench", 1.0, 1.0, None,
+                                                              None), want)
+        fns["pack patch"] = lambda: patch.calculate_weight(w_pack, "bench", 1.0, 1.0, None, None)
         comfy = _comfy_adapter(case, tensors)
         w_comfy = torch.zeros(case.shape)
         logger = logging.getLogger()
@@ -220,29 +256,45 @@ def moved_bytes(case: Case) -> int:
 
 
 # ------------------------------------------------------------------------------------- driver
-def run(case_list: list[Case], *, repeats: int = 9, target_s: float = 0.02,
+def run(case_list: list[Case], *, repeats: int = 25, target_s: float = 0.01,
         bandwidth: dict | None = None, with_comfy: bool = True) -> dict:
-    """Time every case; returns {"rows": [...], "bandwidth": {...}}."""
+    """Time every case; returns {"rows": [...], "bandwidth": {...}}.
+
+    The bound of each case comes from a `copy` contestant timed in the same rounds: `dst.copy_(src)`
+    of touched float32 buffers of `bandwidth["buffer_bytes"]` (at most 64 MiB: twice the L3 cache
+    of the machine the README quotes), i.e. this round's copy bandwidth, so pack/bound is a paired
+    per-round ratio like the others. `bandwidth` (the separately measured 256 MiB copy) is kept in
+    the result for reference.
+    """
     bandwidth = bandwidth or copy_bandwidth()
+    n = min(bandwidth["buffer_bytes"], COPY_BYTES) // 4
+    src, dst = torch.ones(n), torch.zeros(n)
     rows = []
     for case in case_list:
         fns, check = contestants(case, with_comfy)
+        fns["copy"] = lambda: dst.copy_(src)
         st = interleaved(fns, repeats=repeats, target_s=target_s)
+        per_byte = [c / (8 * n) for c in st.pop("copy").values]  # read + written: 2 · 4n bytes
+        bound_st = summarise([moved_bytes(case) * c for c in per_byte])
         ms = {k: v.median * 1e3 for k, v in st.items()}
-        bound = bound_seconds(moved_bytes(case), bandwidth["bytes_per_s"]) * 1e3
-        refs = {k: ms.get(k) for k in ("pack .delta()", "lycoris", "pack ΔW+add", "comfyui ΔW+add")}
-        refs["bound"] = bound
+        refs = {k: ms.get(k) for k in ("pack cold", "pack .delta()", "lycoris", "pack patch",
+                                       "comfyui ΔW+add")}
+        refs["bound"] = bound_st.median * 1e3
         refs["floor"] = ms["floor"]
+        paired = {name: paired_ratio(st[a], st[b]) for name, a, b in PAIRS if a in st and b in st}
+        paired["pack/bound"] = paired_ratio(st["pack"], bound_st)
+        if "pack cold" in st:
+            paired["cold/bound"] = paired_ratio(st["pack cold"], bound_st)
         ratios = {
-            "pack/lycoris": ratio(ms["pack"], ms["lycoris"]),
-            ".delta()/lycoris": ratio(ms["pack .delta()"], ms["lycoris"]),
-            "pack+add/comfyui": ratio(ms["pack ΔW+add"], ms.get("comfyui ΔW+add")),
-            "pack/bound": ratio(ms["pack"], bound),
+            **{name: p.median if p else None for name, p in paired.items()},
             "pack/floor": ratio(ms["pack"], ms["floor"]),
         }
         rows.append(row(BENCH, case.name, ms["pack"], refs, "ms", ratios, agreement=check,
                         quartiles_ms={k: (v.q1 * 1e3, v.q3 * 1e3) for k, v in st.items()},
-                        bytes_moved=moved_bytes(case)))
+                        faults_per_call={k: v.faults for k, v in st.items()},
+                        ratio_quartiles={k: (p.q1, p.q3) for k, p in paired.items() if p},
+                        copy_bytes_per_s=1 / statistics.median(per_byte),
+                        samples=st["pack"].samples, bytes_moved=moved_bytes(case)))
     return {"rows": rows, "bandwidth": bandwidth}
 
 
@@ -250,7 +302,7 @@ def main(quick: bool = False) -> dict:
     """The ΔW benchmark at real layer shapes (`quick`: fewer layers and rounds)."""
     case_list = [c for c in cases() if c.quick or not quick]
     if quick:
-        return run(case_list, repeats=3, target_s=0.005, bandwidth=copy_bandwidth(64 << 20, 3))
+        return run(case_list, repeats=5, target_s=0.004, bandwidth=copy_bandwidth(64 << 20, 3))
     return run(case_list)
 
 

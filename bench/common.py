@@ -1,9 +1,12 @@
 """Shared benchmark machinery: interleaved timing, memory peaks, copy bandwidth, output.
 
-Timing: every contestant of one case runs in the same process, interleaved round by round (the
-order rotates each round), after a warm-up; each sample times `number` calls (calibrated so one
-sample lasts about `target_s`), and the median per-call time over the rounds is reported. The
-machine is shared and noisy, so results are only ever read as ratios pack / reference.
+Timing: every contestant of one case runs in the same process, interleaved round by round (in a
+new seeded random order each round, so no contestant always follows the same one), after a
+warm-up; each sample is one untimed call (whatever the previous contestant left in the allocator,
+e.g. a trimmed heap to fault in again, is not billed to this one) and then `number` timed calls
+(calibrated so one sample lasts about `target_s`); the median per-call time over the rounds is
+reported, and ratios are medians of per-round paired ratios (`paired_ratio`). The machine is
+shared and noisy, so results are only ever read as ratios pack / reference.
 
 Memory: `child_peak_rss` runs a function in a fresh Python process and reads the kernel's RSS
 high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), so nothing the parent allocated
@@ -23,6 +26,7 @@ import json
 import logging
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -41,13 +45,17 @@ RESULTS_DIR = ROOT / "bench" / "results"
 # ------------------------------------------------------------------------------------- timing
 @dataclass(frozen=True)
 class Stats:
-    """Per-call seconds: median, quartiles, samples taken, calls per sample."""
+    """Per-call seconds: median, quartiles, samples taken, calls per sample, and every sample
+    (in round order, for paired ratios)."""
 
     median: float
     q1: float
     q3: float
     samples: int
     number: int
+    values: tuple[float, ...] = ()
+    faults: float = 0.0
+    """Median minor page faults per call (fresh memory being mapped in: a cost to explain)."""
 
     @property
     def ms(self) -> float:
@@ -98,22 +106,45 @@ def interleaved(fns: Mapping[str, Callable[[], object]], *, repeats: int = 7, wa
             fns[name]()
     numbers = {name: calibrate(fns[name], target_s) for name in names}
     samples: dict[str, list[float]] = {name: [] for name in names}
+    faults: dict[str, list[float]] = {name: [] for name in names}
+    order = random.Random(0)
     was_enabled = gc.isenabled()
     gc.collect()
     gc.disable()
     try:
-        for r in range(repeats):
-            k = r % len(names)
-            for name in names[k:] + names[:k]:
+        for _ in range(repeats):
+            for name in order.sample(names, len(names)):
+                fns[name]()  # untimed: the previous contestant's memory state is not billed here
+                f0 = _minor_faults()
                 samples[name].append(_time_calls(fns[name], numbers[name], clock))
+                faults[name].append((_minor_faults() - f0) / numbers[name])
     finally:
         if was_enabled:
             gc.enable()
-    out = {}
-    for name, xs in samples.items():
-        qs = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-        out[name] = Stats(statistics.median(xs), qs[0], qs[2], len(xs), numbers[name])
-    return out
+    return {name: summarise(xs, numbers[name], statistics.median(faults[name]))
+            for name, xs in samples.items()}
+
+
+def _minor_faults() -> int:
+    try:
+        import resource
+    except ImportError:  # not a Unix: no fault counts
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def summarise(xs: list[float], number: int = 1, faults: float = 0.0) -> Stats:
+    """Median and quartiles of `xs` (kept in order)."""
+    qs = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
+    return Stats(statistics.median(xs), qs[0], qs[2], len(xs), number, tuple(xs), faults)
+
+
+def paired_ratio(a: Stats, b: Stats) -> Stats | None:
+    """The per-round ratios a_i / b_i of two contestants timed in the same rounds (median,
+    quartiles). Each pair was measured seconds apart, so a change of the machine's load between
+    rounds cancels out of it, which it does not in median(a) / median(b)."""
+    pairs = [x / y for x, y in zip(a.values, b.values, strict=True) if y > 0]
+    return summarise(pairs) if pairs else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -143,11 +174,6 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> dict:
         "bytes_per_s": 2 * n * 4 / copy_s,
         "clone_bytes_per_s": 2 * n * 4 / clone_s,
     }
-
-
-def bound_seconds(bytes_moved: int, bytes_per_s: float) -> float:
-    """Lower bound on the time of a kernel that must move `bytes_moved` bytes."""
-    return bytes_moved / bytes_per_s
 
 
 # ------------------------------------------------------------------------------------- memory

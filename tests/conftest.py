@@ -25,18 +25,9 @@ def fixtures_dir() -> Path:
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
     """ComfyUI 0.3.75 booted headless on CPU, with this pack loaded by ComfyUI's own loader."""
-    import gc
-
     import comfy_host
 
-    yield comfy_host.boot(tmp_path_factory.mktemp("comfyui_base"))
-    # release ComfyUI's models while its modules still exist: a ModelPatcher collected during
-    # interpreter shutdown prints an AttributeError from its __del__
-    import comfy.model_management as mm
-
-    mm.unload_all_models()
-    mm.current_loaded_models.clear()
-    gc.collect()
+    return comfy_host.boot(tmp_path_factory.mktemp("comfyui_base"))
 
 
 @pytest.fixture()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import bench_convert, bench_delta, common, run
+from bench import bench_convert, bench_delta, common, report, run
 from lycoris_core.algos import loha as loha_algo
 from lycoris_core.algos import lokr as lokr_algo
 
@@ -24,6 +24,7 @@ def test_delta_bench_runs_every_variant(host, tiny_bw, monkeypatch):
     assert [r["case"] for r in rows] == [c.name for c in cases]
     for r in rows:
         assert r["pack"] > 0 and r["refs"]["lycoris"] > 0 and r["refs"]["bound"] > 0
+        assert r["refs"]["pack patch"] > 0 and r["ratios"]["pack/lycoris"] > 0  # the node's path
         numeric = {k: v for k, v in r["agreement"].items() if isinstance(v, float)}
         assert numeric and max(numeric.values()) < bench_delta.TOL
     by_case = {r["case"]: r for r in rows}
@@ -34,6 +35,8 @@ def test_delta_bench_runs_every_variant(host, tiny_bw, monkeypatch):
     checks = run.target_checks(rows)
     assert len(checks) == len(rows) and all("lycoris:" in c for c in checks)
     assert "| loha linear |" in common.format_table(rows)
+    table = report.delta_table({"rows": rows})  # the README's table
+    assert table.count("\n| ") == len(rows) + 1 and "fails (SPEC §5)" in table
 
 
 def test_delta_bench_rejects_a_wrong_pack(host, monkeypatch):

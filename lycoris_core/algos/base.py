@@ -43,9 +43,21 @@ class TensorRef:
         t = self.source.get(self.key, device=device)
         if t.is_floating_point() or dtype.is_floating_point:
             t = t.to(dtype)
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+        if t.is_floating_point() and not all_finite(t):
             raise AdapterError("tensor holds NaN or Inf values", file=self.source.path, key=self.key)
         return t
+
+
+def may_overflow(bound: float, dtype: torch.dtype) -> bool:
+    """Whether a ΔW whose entries are at most `bound` (an `algos.<algo>.max_abs_bound`) could hold
+    NaN/Inf in `dtype`; when not, checking ΔW itself (`all_finite`) is unnecessary."""
+    return not bound < torch.finfo(dtype).max / 4
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`: one sum (a NaN/Inf entry makes it NaN/Inf), confirmed entry-wise only
+    when the sum is not finite (a sum of finite entries can itself overflow)."""
+    return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,10 +95,16 @@ class AdapterModule:
         """The shape ΔW comes out in before reshaping to the layer (conv-flat stays 2-D)."""
         raise NotImplementedError  # pragma: no cover
 
+    def _diff_bounded(self, device: str | torch.device, dtype: torch.dtype,
+                      scale: float = 1.0) -> tuple[torch.Tensor, float]:
+        """scale · ΔW in `natural_shape` (the scale is applied to a factor, not to ΔW), and an
+        upper bound of max |ΔW| computed from the factors (`math.inf` when unknown)."""
+        raise NotImplementedError  # pragma: no cover
+
     def _diff(self, device: str | torch.device, dtype: torch.dtype,
               scale: float = 1.0) -> torch.Tensor:
-        """scale · ΔW in `natural_shape` (the scale is applied to a factor, not to ΔW)."""
-        raise NotImplementedError  # pragma: no cover
+        """scale · ΔW in `natural_shape`."""
+        return self._diff_bounded(device, dtype, scale)[0]
 
     def describe(self) -> dict:
         """Mode information for reports (Tucker, full, decomposed, …)."""
@@ -177,13 +195,15 @@ class AdapterModule:
                 "DoRA module: its change depends on the base weight values; pass the weight "
                 "tensor, not only its shape", file=self.path, key=self.dora_ref.key)
         cdt = compute_dtype(dtype)
-        dw = self.raw_delta(cdt, shape=shape, device=device)
+        dw, bound = self._diff_bounded(device, cdt, self.scale)
+        dw = dw.reshape(self.resolved_shape(shape))
         if self.dora_ref is not None:
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
-        # one cheap pass (NaN/Inf anywhere → sum NaN/Inf); confirm entry-wise, since a sum of
-        # finite entries can itself overflow
-        if not math.isfinite(dw.sum().item()) and not bool(torch.isfinite(dw).all()):
+            bound = math.inf
+        # The factors were checked finite when loaded. If their magnitude bound shows ΔW cannot
+        # reach the dtype's range, ΔW is finite without looking at it; otherwise it is checked.
+        if may_overflow(bound, cdt) and not all_finite(dw):
             raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
                                "large", file=self.path, key=self._first_key())
         return dw.to(dtype)

@@ -16,7 +16,7 @@ import torch
 from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
-from .loha import needs_grad, rebuild_tucker
+from .loha import magnitude_bound, needs_grad, rebuild_tucker
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -104,6 +104,22 @@ def diff_weight(f: LoKrFactors, scale: float = 1.0) -> torch.Tensor:
         else:
             w2 = w2 * scale
     return kron(w1, w2)
+
+
+def _half_terms(full, a, b, t) -> tuple[int, tuple[torch.Tensor, ...]]:
+    """(terms summed per entry, tensors) of one half: W, a @ b, or the Tucker chain."""
+    if full is not None:
+        return 1, (full,)
+    if t is not None:
+        return t.shape[0] * t.shape[1], (a, t, b)
+    return b.shape[0], (a, b)
+
+
+def max_abs_bound(f: LoKrFactors, scale: float = 1.0) -> float:
+    """An upper bound of max |ΔW| = |scale| · max|W1| · max|W2| from the factors alone."""
+    (n1, ts1), (n2, ts2) = _half_terms(f.w1, f.w1_a, f.w1_b, f.t1), \
+        _half_terms(f.w2, f.w2_a, f.w2_b, f.t2)
+    return magnitude_bound(scale, n1 * n2, *ts1, *ts2)
 
 
 def bypass_linear(x: torch.Tensor, f: LoKrFactors, scale: float = 1.0) -> torch.Tensor:
@@ -220,8 +236,9 @@ class LoKrModule(AdapterModule):
         ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
         return LoKrFactors(*(ld(getattr(self, n)) for n in self.tensor_names))
 
-    def _diff(self, device, dtype, scale: float = 1.0) -> torch.Tensor:
-        return diff_weight(self.factors(device, dtype), scale).reshape(self.natural_shape)
+    def _diff_bounded(self, device, dtype, scale: float = 1.0) -> tuple[torch.Tensor, float]:
+        f = self.factors(device, dtype)
+        return diff_weight(f, scale).reshape(self.natural_shape), max_abs_bound(f, scale)
 
     def describe(self) -> dict:
         return {

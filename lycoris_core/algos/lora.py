@@ -13,7 +13,7 @@ import torch
 from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
-from .loha import needs_grad, tucker_inner
+from .loha import magnitude_bound, needs_grad, tucker_inner
 
 
 @dataclass
@@ -41,6 +41,14 @@ def diff_weight(f: LoRAFactors, scale: float = 1.0) -> torch.Tensor:
     if f.mid is not None:
         return out.reshape(up.shape[0], down.shape[1], *f.mid.shape[2:])
     return out
+
+
+def max_abs_bound(f: LoRAFactors, scale: float = 1.0) -> float:
+    """An upper bound of max |ΔW| from the factors alone (cheap: no pass over ΔW)."""
+    rank = math.prod(f.up.shape[1:])
+    if f.mid is not None:
+        return magnitude_bound(scale, rank * f.mid.shape[1], f.up, f.mid, f.down)
+    return magnitude_bound(scale, rank, f.up, f.down)
 
 
 @dataclass
@@ -85,8 +93,9 @@ class LoRAModule(AdapterModule):
         mid = self.lora_mid.load(device, dtype) if self.lora_mid is not None else None
         return LoRAFactors(self.lora_up.load(device, dtype), self.lora_down.load(device, dtype), mid)
 
-    def _diff(self, device, dtype, scale: float = 1.0) -> torch.Tensor:
-        return diff_weight(self.factors(device, dtype), scale).reshape(self.natural_shape)
+    def _diff_bounded(self, device, dtype, scale: float = 1.0) -> tuple[torch.Tensor, float]:
+        f = self.factors(device, dtype)
+        return diff_weight(f, scale).reshape(self.natural_shape), max_abs_bound(f, scale)
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.lora_mid is not None else "flat"}
