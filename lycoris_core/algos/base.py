@@ -80,6 +80,7 @@ class AdapterModule:
     """The shape of the layer weight this module patches, once known (from a model or shapes)."""
 
     _alpha: float | None = field(default=None, init=False, repr=False)
+    _unit_bound: float | None = field(default=None, init=False, repr=False, compare=False)
 
     # --- what subclasses provide -------------------------------------------------------------
     @property
@@ -95,16 +96,26 @@ class AdapterModule:
         """The shape ΔW comes out in before reshaping to the layer (conv-flat stays 2-D)."""
         raise NotImplementedError  # pragma: no cover
 
-    def _diff_bounded(self, device: str | torch.device, dtype: torch.dtype,
-                      scale: float = 1.0) -> tuple[torch.Tensor, float]:
-        """scale · ΔW in `natural_shape` (the scale is applied to a factor, not to ΔW), and an
-        upper bound of max |ΔW| computed from the factors (`math.inf` when unknown)."""
+    def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
+        """scale · ΔW in `natural_shape` from loaded factors (the scale goes on a factor)."""
+        raise NotImplementedError  # pragma: no cover
+
+    def _bound_of(self, factors) -> float:
+        """An upper bound of max |ΔW| at scale 1 from loaded factors (`algos.<algo>.max_abs_bound`)."""
         raise NotImplementedError  # pragma: no cover
 
     def _diff(self, device: str | torch.device, dtype: torch.dtype,
               scale: float = 1.0) -> torch.Tensor:
         """scale · ΔW in `natural_shape`."""
-        return self._diff_bounded(device, dtype, scale)[0]
+        return self._diff_of(self.factors(device, dtype), scale)
+
+    def delta_may_overflow(self, factors, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether ΔW at this module's scale, built from its (finite) `factors`, could hold NaN/Inf
+        in `dtype`. When not, ΔW needs no check of its own. The factors' magnitude bound is
+        computed once per module: its tensors never change (the reader checks the file)."""
+        if self._unit_bound is None:
+            self._unit_bound = self._bound_of(factors)
+        return may_overflow(abs(self.scale) * self._unit_bound, dtype)
 
     def describe(self) -> dict:
         """Mode information for reports (Tucker, full, decomposed, …)."""
@@ -195,15 +206,16 @@ class AdapterModule:
                 "DoRA module: its change depends on the base weight values; pass the weight "
                 "tensor, not only its shape", file=self.path, key=self.dora_ref.key)
         cdt = compute_dtype(dtype)
-        dw, bound = self._diff_bounded(device, cdt, self.scale)
-        dw = dw.reshape(self.resolved_shape(shape))
+        factors = self.factors(device, cdt)
+        dw = self._diff_of(factors, self.scale).reshape(self.resolved_shape(shape))
+        # The factors were checked finite when loaded. If their magnitude bound shows ΔW cannot
+        # reach the dtype's range, ΔW is finite without looking at it; otherwise it is checked.
+        check = self.delta_may_overflow(factors, cdt)
         if self.dora_ref is not None:
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
-            bound = math.inf
-        # The factors were checked finite when loaded. If their magnitude bound shows ΔW cannot
-        # reach the dtype's range, ΔW is finite without looking at it; otherwise it is checked.
-        if may_overflow(bound, cdt) and not all_finite(dw):
+            check = True
+        if check and not all_finite(dw):
             raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
                                "large", file=self.path, key=self._first_key())
         return dw.to(dtype)

@@ -193,9 +193,11 @@ class LoHaModule(AdapterModule):
         return LoHaFactors(ld(self.hada_w1_a), ld(self.hada_w1_b), ld(self.hada_w2_a),
                            ld(self.hada_w2_b), ld(self.hada_t1), ld(self.hada_t2))
 
-    def _diff_bounded(self, device, dtype, scale: float = 1.0) -> tuple[torch.Tensor, float]:
-        f = self.factors(device, dtype)
-        return diff_weight(f, scale).reshape(self.natural_shape), max_abs_bound(f, scale)
+    def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
+        return diff_weight(factors, scale).reshape(self.natural_shape)
+
+    def _bound_of(self, factors) -> float:
+        return max_abs_bound(factors)
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.tucker else "flat"}

@@ -236,9 +236,11 @@ class LoKrModule(AdapterModule):
         ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
         return LoKrFactors(*(ld(getattr(self, n)) for n in self.tensor_names))
 
-    def _diff_bounded(self, device, dtype, scale: float = 1.0) -> tuple[torch.Tensor, float]:
-        f = self.factors(device, dtype)
-        return diff_weight(f, scale).reshape(self.natural_shape), max_abs_bound(f, scale)
+    def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
+        return diff_weight(factors, scale).reshape(self.natural_shape)
+
+    def _bound_of(self, factors) -> float:
+        return max_abs_bound(factors)
 
     def describe(self) -> dict:
         return {

@@ -28,7 +28,7 @@ from ...lycoris_core.algos import AdapterModule
 from ...lycoris_core.algos import loha as loha_algo
 from ...lycoris_core.algos import lokr as lokr_algo
 from ...lycoris_core.algos import lora as lora_algo
-from ...lycoris_core.algos.base import all_finite, may_overflow
+from ...lycoris_core.algos.base import all_finite
 from ...lycoris_core.blocks import BlockWeights, parse_block_weights
 from ...lycoris_core.naming import is_text_encoder_name
 
@@ -64,8 +64,6 @@ def _row_slicer(module: AdapterModule) -> tuple[int, Callable[[object, int, int]
 
 
 _DIFF = {"loha": loha_algo.diff_weight, "lokr": lokr_algo.diff_weight, "lora": lora_algo.diff_weight}
-_BOUND = {"loha": loha_algo.max_abs_bound, "lokr": lokr_algo.max_abs_bound,
-          "lora": lora_algo.max_abs_bound}
 
 
 def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torch.device,
@@ -82,8 +80,8 @@ def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torc
         return
     unit, slicer = split
     factors = module.factors(device, torch.float32)
-    # bound max|ΔW| from the factors once; look at ΔW itself only when it could overflow
-    check = may_overflow(_BOUND[module.algo](factors, module.scale), torch.float32)
+    # bound max|ΔW| from the factors (once per module); look at ΔW only when it could overflow
+    check = module.delta_may_overflow(factors, torch.float32)
     step = max(1, max_elements // (row_numel * unit))
     n = shape[0] // unit
     for a in range(0, n, step):
