@@ -132,18 +132,9 @@ def test_lokr_bypass_equals_materialised():
 
 
 # ---------------------------------------------------------------------------------------- LoRA
-@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
-def threads(request):
-    """LoRA Tucker has one formula per thread count (a GEMM / batched GEMMs): test both."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["linear", "conv", "tucker"])
-def test_lora(dtype, kind, threads):
+def test_lora(dtype, kind):
     o, i, r, k = 24, 16, 4, 3
     if kind == "linear":
         up, down, mid = rnd(o, r, dtype=dtype), rnd(r, i, dtype=dtype), None

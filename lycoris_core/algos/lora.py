@@ -23,30 +23,15 @@ class LoRAFactors:
     mid: torch.Tensor | None = None
 
 
-def _tucker_by_kernel_position(up: torch.Tensor, mid: torch.Tensor,
-                               down: torch.Tensor) -> torch.Tensor:
-    """Tucker ΔW as k·k batched GEMMs (up·mid[..., y, x]) @ down, returned as an (O, I, k, k)
-    view of the (k, k, O, I) result (not contiguous; values as `up @ tucker_inner(mid, down)`)."""
-    a = torch.einsum("o i, i j ... -> ... o j", up, mid)  # (k, k, O, R')
-    out = torch.matmul(a.reshape(-1, up.shape[0], mid.shape[1]), down)  # (k·k, O, I)
-    return out.reshape(*mid.shape[2:], up.shape[0], down.shape[1]).permute(2, 3, 0, 1)
-
-
 def diff_weight(f: LoRAFactors, scale: float = 1.0) -> torch.Tensor:
     """ΔW: (O, I, k, k) with `mid`, else (O, I·k·k) (reshape to the layer afterwards).
 
     One GEMM at full size: the scale goes on `up` and `mid` is contracted with `down` first.
-    With several CPU threads a Tucker ΔW is built as k·k batched GEMMs instead: a single GEMM
-    with an inner dimension of R does not run in parallel (measured 0.30 ms for 320²×3×3 R16 at
-    1 or 2 threads), the batch does (0.24 ms at 2 threads); the result is then a permuted view.
     """
     up = f.up.reshape(f.up.shape[0], -1)
     down = f.down.reshape(f.down.shape[0], -1)
     if scale != 1.0:
         up = up * scale
-    if f.mid is not None and f.mid.dim() == 4 and up.device.type == "cpu" \
-            and torch.get_num_threads() > 1:
-        return _tucker_by_kernel_position(up, f.mid, down)
     right = tucker_inner(f.mid, down) if f.mid is not None else down
     if buffers.is_large(up.shape[0] * right.shape[1], right.dtype) and not needs_grad(up, right):
         out = torch.mm(up, right, out=buffers.empty((up.shape[0], right.shape[1]), right.dtype,
