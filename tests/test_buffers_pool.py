@@ -90,3 +90,15 @@ def test_pooled_delta_is_correct_and_not_aliased():
     torch.testing.assert_close(d1, torch.kron(f1.w1 * 0.5, f1.w2), rtol=0, atol=0)
     torch.testing.assert_close(d2, torch.kron(f2.w1 * 0.5, f2.w2), rtol=0, atol=0)
     assert torch.equal(d1, d1_copy)
+
+
+def test_small_blocks_use_the_heap_when_they_cannot_be_pooled():
+    """Below the huge-page size a mapping only pays off when it can be reused: with the pool off
+    (or smaller than the block) `empty` is torch.empty, not a fresh mapping faulted in per call."""
+    buffers.pool_limit(0)
+    before = buffers.pool_stats()["fresh"]
+    t = buffers.empty((1024, 1024))  # 4 MiB: a pooled size when the pool has room
+    assert buffers.pool_stats()["fresh"] == before and t.shape == (1024, 1024)
+    buffers.pool_limit(64 * MIB)
+    buffers.empty((1024, 1024))
+    assert buffers.pool_stats()["fresh"] == before + 1

@@ -135,6 +135,10 @@ def empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype = torch.float32
     nbytes = math.prod(shape) * dtype.itemsize
     if not _HUGE_OK or nbytes < POOL_MIN_BYTES or torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=dtype, device=device)
+    if nbytes < HUGE_MIN_BYTES and nbytes > _limit:
+        # could not be kept for reuse (pool off or too small): a private mapping would be faulted
+        # in afresh on every call, glibc's heap at least sometimes reuses memory
+        return torch.empty(shape, dtype=dtype, device=device)
     buf = _take(nbytes)
     # The tensor's storage holds `view` (and through it `buf`) until the last tensor sharing the
     # storage is freed; `view` is this allocation's own object, so its end is that moment.
