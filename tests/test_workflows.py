@@ -23,7 +23,7 @@ from ui_workflows import EXAMPLES, load_example, on_tiny_models, tiny_sdxl_shape
 import lycoris_core as lc
 
 WORKFLOWS = ["lycoris_load", "lycoris_strength_schedule", "lycoris_merge", "lycoris_convert",
-             "lycoris_train"]
+             "lycoris_train", "lycoris_train_text_encoder"]
 UNET_KEYS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
              "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
 CONVERT_SOURCE = "sdxl_lokr_sdscripts.safetensors"
@@ -99,6 +99,9 @@ def _check(host, res, node: dict, nid: str) -> None:
         path = Path(out[1])
         assert path.is_file() and _outputs_dir(host).resolve() in path.resolve().parents, out
         assert lc.load_adapter(path).modules if kind != "BakeLyCORIS" else path.stat().st_size > 0
+        if kind == "TrainLyCORIS":  # with a CLIP connected, the text encoders are trained too
+            te = [m for m in lc.load_adapter(path).modules if m.startswith("lora_te")]
+            assert bool(te) == ("clip" in node["inputs"]) and (out[3] is None) != bool(te)
     elif kind == "ConvertLyCORIS" and not node["inputs"]["dry_run"]:
         assert out[0].startswith(f"converted: {CONVERT_SOURCE} -> ") and " 0 failed" in out[0], out[0]
         assert list((_outputs_dir(host) / "loras" / "converted").glob("sdxl_lokr_sdscripts_*.safetensors"))
