@@ -96,13 +96,14 @@ class AdapterModule:
         """The shape ΔW comes out in before reshaping to the layer (conv-flat stays 2-D)."""
         raise NotImplementedError  # pragma: no cover
 
+    # the algorithm's pure functions (`algos.<algo>.diff_weight` / `.max_abs_bound`), as
+    # staticmethods: diff_weight(factors, scale) → ΔW; max_abs_bound(factors) → bound at scale 1
+    diff_weight: ClassVar[Callable[..., torch.Tensor]]
+    max_abs_bound: ClassVar[Callable[..., float]]
+
     def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
         """scale · ΔW in `natural_shape` from loaded factors (the scale goes on a factor)."""
-        raise NotImplementedError  # pragma: no cover
-
-    def _bound_of(self, factors) -> float:
-        """An upper bound of max |ΔW| at scale 1 from loaded factors (`algos.<algo>.max_abs_bound`)."""
-        raise NotImplementedError  # pragma: no cover
+        return self.diff_weight(factors, scale).reshape(self.natural_shape)
 
     def _diff(self, device: str | torch.device, dtype: torch.dtype,
               scale: float = 1.0) -> torch.Tensor:
@@ -114,7 +115,7 @@ class AdapterModule:
         in `dtype`. When not, ΔW needs no check of its own. The factors' magnitude bound is
         computed once per module: its tensors never change (the reader checks the file)."""
         if self._unit_bound is None:
-            self._unit_bound = self._bound_of(factors)
+            self._unit_bound = self.max_abs_bound(factors)
         return may_overflow(abs(self.scale) * self._unit_bound, dtype)
 
     def describe(self) -> dict:

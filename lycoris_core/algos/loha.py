@@ -114,6 +114,8 @@ def max_abs_bound(f: LoHaFactors, scale: float = 1.0) -> float:
 @dataclass
 class LoHaModule(AdapterModule):
     algo = "loha"
+    diff_weight = staticmethod(diff_weight)
+    max_abs_bound = staticmethod(max_abs_bound)
     tensor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     hada_w1_a: TensorRef | None = None
@@ -192,12 +194,6 @@ class LoHaModule(AdapterModule):
         ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
         return LoHaFactors(ld(self.hada_w1_a), ld(self.hada_w1_b), ld(self.hada_w2_a),
                            ld(self.hada_w2_b), ld(self.hada_t1), ld(self.hada_t2))
-
-    def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
-        return diff_weight(factors, scale).reshape(self.natural_shape)
-
-    def _bound_of(self, factors) -> float:
-        return max_abs_bound(factors)
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.tucker else "flat"}

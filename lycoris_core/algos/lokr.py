@@ -138,6 +138,8 @@ def bypass_linear(x: torch.Tensor, f: LoKrFactors, scale: float = 1.0) -> torch.
 @dataclass
 class LoKrModule(AdapterModule):
     algo = "lokr"
+    diff_weight = staticmethod(diff_weight)
+    max_abs_bound = staticmethod(max_abs_bound)
     tensor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1",
                     "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 
@@ -235,12 +237,6 @@ class LoKrModule(AdapterModule):
     def factors(self, device="cpu", dtype=torch.float32) -> LoKrFactors:
         ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
         return LoKrFactors(*(ld(getattr(self, n)) for n in self.tensor_names))
-
-    def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
-        return diff_weight(factors, scale).reshape(self.natural_shape)
-
-    def _bound_of(self, factors) -> float:
-        return max_abs_bound(factors)
 
     def describe(self) -> dict:
         return {

@@ -54,6 +54,8 @@ def max_abs_bound(f: LoRAFactors, scale: float = 1.0) -> float:
 @dataclass
 class LoRAModule(AdapterModule):
     algo = "lora"
+    diff_weight = staticmethod(diff_weight)
+    max_abs_bound = staticmethod(max_abs_bound)
     tensor_names = ("lora_up", "lora_down", "lora_mid")
 
     lora_up: TensorRef | None = None
@@ -92,12 +94,6 @@ class LoRAModule(AdapterModule):
     def factors(self, device="cpu", dtype=torch.float32) -> LoRAFactors:
         mid = self.lora_mid.load(device, dtype) if self.lora_mid is not None else None
         return LoRAFactors(self.lora_up.load(device, dtype), self.lora_down.load(device, dtype), mid)
-
-    def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
-        return diff_weight(factors, scale).reshape(self.natural_shape)
-
-    def _bound_of(self, factors) -> float:
-        return max_abs_bound(factors)
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.lora_mid is not None else "flat"}

@@ -25,9 +25,6 @@ import torch
 from ...lycoris_core import AdapterError, KeyMap, Resolution, adapter_from_tensors, load_adapter
 from ...lycoris_core.adapter import Adapter
 from ...lycoris_core.algos import AdapterModule
-from ...lycoris_core.algos import loha as loha_algo
-from ...lycoris_core.algos import lokr as lokr_algo
-from ...lycoris_core.algos import lora as lora_algo
 from ...lycoris_core.algos.base import all_finite
 from ...lycoris_core.blocks import BlockWeights, parse_block_weights
 from ...lycoris_core.naming import is_text_encoder_name
@@ -63,9 +60,6 @@ def _row_slicer(module: AdapterModule) -> tuple[int, Callable[[object, int, int]
     return None
 
 
-_DIFF = {"loha": loha_algo.diff_weight, "lokr": lokr_algo.diff_weight, "lora": lora_algo.diff_weight}
-
-
 def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torch.device,
                      max_elements: int = CHUNK_ELEMENTS) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield (r0, r1, ΔW[r0:r1]) in float32 on `device`, at strength 1, covering all output rows.
@@ -86,7 +80,7 @@ def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torc
     n = shape[0] // unit
     for a in range(0, n, step):
         b = min(n, a + step)
-        dw = _DIFF[module.algo](slicer(factors, a, b), module.scale)
+        dw = module.diff_weight(slicer(factors, a, b), module.scale)
         if check and not all_finite(dw):
             raise AdapterError(f"module '{module.name}': ΔW overflows float32 (NaN or Inf)",
                                file=module.path, key=module.name)
