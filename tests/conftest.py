@@ -22,9 +22,24 @@ def fixtures_dir() -> Path:
     return FIXTURES
 
 
+def pytest_report_header(config):
+    import comfy_host
+
+    return f"host: {comfy_host.HOST_NAME} ({comfy_host.COMFY_DIR})"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    import comfy_host
+
+    counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")}
+    terminalreporter.write_line(f"host {comfy_host.HOST_NAME}: " + ", ".join(
+        f"{n} {k}" for k, n in counts.items() if n) + f" (exit status {int(exitstatus)})")
+
+
 @pytest.fixture(scope="session")
 def host(tmp_path_factory):
-    """ComfyUI 0.3.75 booted headless on CPU, with this pack loaded by ComfyUI's own loader."""
+    """The host's ComfyUI (0.3.75 or current, see comfy_host) booted headless on CPU, with this
+    pack loaded by ComfyUI's own loader."""
     import comfy_host
 
     return comfy_host.boot(tmp_path_factory.mktemp("comfyui_base"))
