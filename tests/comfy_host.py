@@ -11,6 +11,7 @@ exactly as in a user's install.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import sys
@@ -149,6 +150,8 @@ class Executor:
         values = {}
         for node_id in prompt:
             entry = self.executor.caches.outputs.get(str(node_id))
+            if inspect.isawaitable(entry):  # current ComfyUI: the output cache is async
+                entry = asyncio.run(entry)
             if entry is None:
                 continue
             out = entry.outputs if hasattr(entry, "outputs") else entry
