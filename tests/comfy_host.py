@@ -138,6 +138,32 @@ class Executor:
         self.executor = host.execution.PromptExecutor(
             self.server, cache_type=cache, cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
 
+    def cached_output(self, node_id: str):
+        """The output cache entry of a node after a run (None when not cached)."""
+        entry = self.executor.caches.outputs.get(str(node_id))
+        if inspect.isawaitable(entry):  # current ComfyUI: the output cache is async
+            entry = asyncio.run(entry)
+        return entry
+
+    def output_index(self, class_type: str, type_name: str) -> int:
+        """Where a node's output of `type_name` is (core nodes reorder outputs between versions)."""
+        return list(self.host.nodes.NODE_CLASS_MAPPINGS[class_type].RETURN_TYPES).index(type_name)
+
+    def with_defaults(self, class_type: str, inputs: dict) -> dict:
+        """`inputs` plus the schema defaults of required widget inputs it leaves out (core nodes
+        gain inputs between versions, e.g. TrainLoraNode's bypass_mode in current ComfyUI)."""
+        spec = self.host.nodes.NODE_CLASS_MAPPINGS[class_type].INPUT_TYPES().get("required", {})
+        out = dict(inputs)
+        for name, (kind, *rest) in spec.items():
+            if name in out:
+                continue
+            opts = rest[0] if rest else {}
+            if "default" in opts:
+                out[name] = opts["default"]
+            elif isinstance(kind, list | tuple) or kind == "COMBO":
+                out[name] = list(kind if kind != "COMBO" else opts["options"])[0]
+        return out
+
     def run(self, prompt: dict) -> RunResult:
         execution = self.host.execution
         prompt_id = str(uuid.uuid4())
@@ -149,9 +175,7 @@ class Executor:
         ui = getattr(self.executor, "history_result", {}).get("outputs", {})
         values = {}
         for node_id in prompt:
-            entry = self.executor.caches.outputs.get(str(node_id))
-            if inspect.isawaitable(entry):  # current ComfyUI: the output cache is async
-                entry = asyncio.run(entry)
+            entry = self.cached_output(node_id)
             if entry is None:
                 continue
             out = entry.outputs if hasattr(entry, "outputs") else entry

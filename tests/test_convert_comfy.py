@@ -211,6 +211,7 @@ def test_comfyui_trainer_file_to_sdscripts(host, executor, tmp_path, caplog):
     import comfy.lora
     from host_nodes import models
 
+    lora_out = executor.output_index("TrainLoraNode", "LORA_MODEL")  # 1 on 0.3.75, 0 on 0.28
     prompt = {
         "m": {"class_type": "LycorisTestModel", "inputs": {"kind": "tiny_sdxl", "seed": 2}},
         "c": {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": ["m", 1]}},
@@ -218,13 +219,13 @@ def test_comfyui_trainer_file_to_sdscripts(host, executor, tmp_path, caplog):
                                                            "batch_size": 2}},
         # a list of two latents: 0.3.75's trainer fails on a single one (`multi_res` unbound)
         "r": {"class_type": "RebatchLatents", "inputs": {"latents": ["l", 0], "batch_size": 1}},
-        "t": {"class_type": "TrainLoraNode", "inputs": {
+        "t": {"class_type": "TrainLoraNode", "inputs": executor.with_defaults("TrainLoraNode", {
             "model": ["m", 0], "latents": ["r", 0], "positive": ["c", 0], "batch_size": 2,
             "grad_accumulation_steps": 1, "steps": 1, "learning_rate": 0.01, "rank": 2,
             "optimizer": "AdamW", "loss_function": "MSE", "seed": 0, "training_dtype": "fp32",
             "lora_dtype": "bf16", "algorithm": "LoHa", "gradient_checkpointing": False,
-            "existing_lora": "[None]"}},
-        "s": {"class_type": "SaveLoRA", "inputs": {"lora": ["t", 1],
+            "existing_lora": "[None]"})},
+        "s": {"class_type": "SaveLoRA", "inputs": {"lora": ["t", lora_out],
                                                    "prefix": "loras/convert_trainer"}},
     }
     res = executor.run(prompt)

@@ -98,7 +98,7 @@ def test_bad_files_fail_visibly_then_good_file_is_exact(host, executor, tiny):
         assert key is None or key in msg, (key, msg)
         assert re.search(match, msg), (match, msg)
         # the (cached) input model is untouched: no patches, same weights
-        assert model.patches == {} and model is executor.executor.caches.outputs.get("1").outputs[0][0]
+        assert model.patches == {} and model is executor.cached_output("1").outputs[0][0]
         sd = model.model.state_dict()
         assert all(torch.equal(sd[k], base_w[k]) for k in tiny)
     assert not (scratch / bi.PICKLE_MARKER).exists()

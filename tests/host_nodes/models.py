@@ -38,12 +38,18 @@ def _fill(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(0.02 * noise)
 
 
-def _patcher(model):
+def _patcher(model, rebuild: tuple):
+    """A ModelPatcher over `model`. `rebuild` = (builder, args) makes the same model again: current
+    ComfyUI (`cached_patcher_init`) rebuilds a model that way when it needs a second copy of it
+    (core's TrainLoraNode does), as its own loaders register their file loaders."""
     import comfy.model_management as mm
     import comfy.model_patcher
 
-    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
-                                            offload_device=mm.unet_offload_device())
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                               offload_device=mm.unet_offload_device())
+    if hasattr(patcher, "cached_patcher_init"):
+        patcher.cached_patcher_init = rebuild
+    return patcher
 
 
 SDXL_VARIANTS = {
@@ -56,7 +62,7 @@ POOLED_DIM = 32         # tiny CLIP-G projection
 ADM_IN = POOLED_DIM + 6 * 256  # SDXL's adm: pooled + 6 size embeddings of 256
 
 
-def sdxl_model(variant: str = "tiny", seed: int = 0):
+def sdxl_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = False):
     """A `ModelPatcher` over `model_base.SDXL` with real SDXL key names."""
     import comfy.supported_models
 
@@ -74,7 +80,7 @@ def sdxl_model(variant: str = "tiny", seed: int = 0):
     cfg.unet_config["num_head_channels"] = head
     model = cfg.get_model({}, device="cpu")
     _fill(model.diffusion_model, seed)
-    return _patcher(model)
+    return _patcher(model, (sdxl_model, (variant, seed)))
 
 
 DIT_VARIANTS = {
@@ -84,7 +90,7 @@ DIT_VARIANTS = {
 }
 
 
-def dit_model(variant: str = "tiny", seed: int = 0):
+def dit_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = False):
     """A `ModelPatcher` over Cosmos-Predict2's `MiniTrainDIT` (Anima's block naming)."""
     import comfy.supported_models
 
@@ -104,7 +110,7 @@ def dit_model(variant: str = "tiny", seed: int = 0):
     cfg = comfy.supported_models.CosmosT2IPredict2(unet_config)
     model = cfg.get_model({}, device="cpu")
     _fill(model.diffusion_model, seed)
-    return _patcher(model)
+    return _patcher(model, (dit_model, (variant, seed)))
 
 
 def sdxl_clip(seed: int = 0):
