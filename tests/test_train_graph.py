@@ -120,7 +120,9 @@ def patched_weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("kind,algo,extra", [
-    ("sdxl", "loha", {"steps": 30, "learning_rate": 0.03}),
+    # the ResBlock convs (conv_dim) are what lets the tiny SDXL denoise: attention/linear
+    # modules alone stall at loss ≈ 1 (an output that cancels itself), ratio ≈ 0.80
+    ("sdxl", "loha", {"steps": 40, "learning_rate": 0.01, "conv_dim": 4, "conv_alpha": 4.0}),
     ("sdxl", "lokr", {"steps": 30, "learning_rate": 0.03, "conv_dim": 4, "conv_alpha": 4.0,
                       "factor": 4}),
     ("dit", "loha", {"steps": 30}),
@@ -148,7 +150,8 @@ def test_train_overfits_saves_and_reloads(executor, data_node, host, kind, algo,
     tensors, info = read_state(path)
     losses = info["losses"]
     assert len(losses) == extra["steps"]
-    # measured (seed 0): tiny SDXL 0.80 (LoHa) / 0.36 (LoKr + conv), tiny DiT 0.37 / 0.53
+    # measured (seed 0, every ATEN_CPU_CAPABILITY): tiny SDXL 0.37 (LoHa) / 0.36 (LoKr), both
+    # with conv; tiny DiT 0.37 / 0.53
     assert after < 0.85 * before, (before, after)
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
 
@@ -292,6 +295,9 @@ def test_trains_on_clip_text_encode_conditioning(executor, algo):
     adapter = load_adapter(path)
     assert path.endswith(".safetensors") and len(adapter.modules) > 100
     assert adapter.algorithms() == {algo: len(adapter.modules)}
+    # conv_dim 0 (sd-scripts' default): no ResBlock conv is trained
+    assert "lora_unet_input_blocks_1_0_in_layers_2" not in adapter.modules
+    assert "conv_dim" not in adapter.network_args
 
 
 TEXT_GRAPH = {

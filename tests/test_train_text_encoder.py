@@ -69,8 +69,10 @@ def paired_loss(model, clip, kind: str) -> float:
 
 @pytest.mark.parametrize("kind", ["sdxl", "dit"])
 def test_text_encoders_train_from_captions(executor, kind):
+    # SDXL: the ResBlock convs let the tiny UNet denoise (linear modules alone stall at ≈ 0.78)
+    extra = {"sdxl": dict(conv_dim=4, conv_alpha=4.0, learning_rate=0.01, steps=40)}.get(kind, {})
     (trained, path, _, trained_clip), (base, base_clip) = run(
-        executor, kind, output_name=f"lycoris/te_{kind}")
+        executor, kind, output_name=f"lycoris/te_{kind}", **extra)
     ad = load_adapter(path)
     for prefix, count in TE_MODULES[kind].items():
         assert sum(n.startswith(prefix) for n in ad.modules) == count, prefix
@@ -109,8 +111,11 @@ def test_text_encoder_alone_lowers_the_loss(executor, kind):
     their own lr: only the captions' encoding changes, and that alone must lower the loss, so
     the gradient reaches the text-encoder modules through the model's conditioning (SDXL:
     cross-attention and the pooled `y`; Anima: cross-attention)."""
+    # SDXL: lr 0.01 sits on the plateau (ratio 0.79-0.81 for lr 0.007-0.015, 40-80 steps); at
+    # 0.05 it overshoots and the drop is 5 % on one CPU, 2 % on another
+    te_lr, steps = {"sdxl": (0.01, 40)}.get(kind, (0.05, 30))
     (trained, path, _, trained_clip), (base, base_clip) = run(
-        executor, kind, learning_rate=0.0, text_encoder_lr=0.05,
+        executor, kind, learning_rate=0.0, text_encoder_lr=te_lr, steps=steps,
         output_name=f"lycoris/te_only_{kind}", write_sdscripts_config=True)
     ad = load_adapter(path)
     unet = [m for n, m in ad.modules.items() if n.startswith("lora_unet_")]
@@ -122,7 +127,7 @@ def test_text_encoder_alone_lowers_the_loss(executor, kind):
     assert after < 0.97 * before, (before, after)
     stem = Path(path).name[: -len(".safetensors")]
     sh = (Path(path).parent / f"{stem}.sdscripts.sh").read_text()
-    assert "--network_train_unet_only" not in sh and "--text_encoder_lr 0.05" in sh
+    assert "--network_train_unet_only" not in sh and f"--text_encoder_lr {te_lr}" in sh
 
 
 def test_clip_without_captions_is_a_ui_error(executor):
