@@ -21,6 +21,7 @@ cannot beat (N + M) / that bandwidth.
 from __future__ import annotations
 
 import gc
+import gzip
 import importlib
 import json
 import logging
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 RESULTS_DIR = ROOT / "bench" / "results"
 
 
@@ -65,6 +67,13 @@ class Stats:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 """`wall`: elapsed time. `cpu`: CPU seconds of this process (all its threads): on a machine
 shared with other jobs this is what the work itself costs, unaffected by waiting for a core."""
+
+
+def sdscripts_targets(arch: str) -> dict[str, dict]:
+    """sd-scripts' default LoHa/LoKr module list for `arch` ('sdxl' with conv_dim, 'anima'):
+    {lora_name: {module, kind, weight_shape, comfyui_key}}, from the test fixtures."""
+    with gzip.open(FIXTURES / "sdscripts_targets.json.gz", "rt", encoding="utf-8") as fh:
+        return json.load(fh)[arch]["modules"]
 
 
 def default_clock() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
@@ -20,9 +21,6 @@ LOHA_KEY = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.wei
 LOKR_KEY = "diffusion_model.output_blocks.3.1.transformer_blocks.1.attn2.to_q.weight"
 CONV_KEY = "diffusion_model.input_blocks.1.0.in_layers.2.weight"
 
-
-def _expected(fixtures, case):
-    return load_file(fixtures / f"{case}.expected.safetensors")
 
 
 @pytest.fixture()
@@ -58,12 +56,12 @@ def test_baked_weights_equal_base_plus_weighted_deltas(tmp_path, fixtures_dir, m
     report = bake_file(path, strengths, out, save_dtype=torch.float32)
     assert report.patched == 3 and all(not u.unmatched for u in report.adapters)
     got = load_file(out)
-    e_loha = _expected(fixtures_dir, "loha_linear")[LOHA_KEY]
+    e_loha = goldens.expected("loha_linear")[LOHA_KEY]
     want = {
         LOHA_KEY: base["model." + LOHA_KEY].float() + 0.8 * e_loha,
-        LOKR_KEY: base["model." + LOKR_KEY].float() - 0.6 * _expected(fixtures_dir, "lokr_linear_default_factor")[
+        LOKR_KEY: base["model." + LOKR_KEY].float() - 0.6 * goldens.expected("lokr_linear_default_factor")[
             LOKR_KEY] + 0.3 * e_loha,
-        CONV_KEY: base["model." + CONV_KEY].float() + 1.5 * _expected(fixtures_dir, "loha_conv_tucker")[CONV_KEY],
+        CONV_KEY: base["model." + CONV_KEY].float() + 1.5 * goldens.expected("loha_conv_tucker")[CONV_KEY],
     }
     for key, w in want.items():
         assert got["model." + key].dtype == torch.float32
@@ -161,7 +159,7 @@ def test_cli_bake(tmp_path, fixtures_dir, model_file, capsys):
     assert code == 0
     assert "1 modules applied" in capsys.readouterr().out
     change = load_file(out)["model." + LOKR_KEY] - base["model." + LOKR_KEY].float()
-    assert rel_err(change, 0.5 * _expected(fixtures_dir, "lokr_linear_default_factor")[LOKR_KEY]) < 1e-5
+    assert rel_err(change, 0.5 * goldens.expected("lokr_linear_default_factor")[LOKR_KEY]) < 1e-5
 
 
 def test_bake_state_dict_leaves_the_model_untouched(tmp_path, fixtures_dir):
@@ -176,4 +174,4 @@ def test_bake_state_dict_leaves_the_model_untouched(tmp_path, fixtures_dir):
     bake_state_dict(state, {k: k for k in state}, [(loha, 1.0)], tmp_path / "m.safetensors")
     assert all(torch.equal(state[k], before[k]) for k in state)
     change = load_file(tmp_path / "m.safetensors")[LOHA_KEY] - before[LOHA_KEY]
-    assert rel_err(change, _expected(fixtures_dir, "loha_linear")[LOHA_KEY]) < 1e-5
+    assert rel_err(change, goldens.expected("loha_linear")[LOHA_KEY]) < 1e-5

@@ -35,7 +35,7 @@ def test_delta_bench_runs_every_variant(host, tiny_bw, monkeypatch):
     checks = run.target_checks(rows)
     assert len(checks) == len(rows) and all("lycoris:" in c for c in checks)
     assert "| loha linear |" in common.format_table(rows)
-    table = report.delta_table({"rows": rows})  # the README's table
+    table = report.delta_table({"rows": rows})  # the table in bench/README.md
     assert table.count("\n| ") == len(rows) + 1 and "fails (SPEC §5)" in table
 
 

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 
+import goldens
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -197,7 +198,7 @@ def test_golden_files_in_comfyui_lora_loader(host, executor, fixtures_dir, tmp_p
         assert torch.equal(got, comfy_delta(orig[key], base[key], key))
         if adapter.modules[next(iter(adapter.modules))].has_dora:
             continue
-        expected = load_file(fixtures_dir / f"{case}.expected.safetensors")[key]
+        expected = goldens.expected(case)[key]
         mine = next(iter(adapter.modules.values())).delta(shape=tuple(base[key].shape))
         print(f"{case}: ComfyUI vs expected {rel_err(got, expected):.1e}, vs lycoris_core "
               f"{rel_err(got, mine):.1e}")

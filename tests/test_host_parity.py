@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
@@ -95,7 +96,7 @@ def test_dora_comfyui_uses_the_wrong_norm(host, golden_sdxl, fixtures_dir):
     finally:
         with torch.no_grad():
             param.copy_(saved)
-    expected = load_file(fixtures_dir / f"{case}.expected.safetensors")[key]
+    expected = goldens.expected(case)[key]
     assert rel_err(ours[key] - base[key], expected) < 1e-5
     mod = next(iter(lc.load_adapter(fixtures_dir / f"{case}.safetensors").modules.values()))
     dw = mod.raw_delta(shape=tuple(base[key].shape))      # plain ΔW, no DoRA

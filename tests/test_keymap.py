@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import json
-
+import goldens
 import pytest
 import torch
 
@@ -12,8 +11,8 @@ from lycoris_core.keymap import KeyMap, block_of, component_of, detect_architect
 
 
 @pytest.fixture(scope="module")
-def targets(fixtures_dir):
-    return json.loads((fixtures_dir / "sdscripts_targets.json").read_text())
+def targets():
+    return goldens.sdscripts_targets()
 
 
 @pytest.mark.parametrize("arch, n", [("sdxl", 1052), ("anima", 536)])

@@ -8,10 +8,10 @@ the 0.3.75 test host has no text encoder for this DiT, so the sampling step is C
 
 from __future__ import annotations
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
-from safetensors.torch import load_file
 from test_loaders_common import _records, install_golden, make_adapter, write_adapter
 
 TOL = 1e-5
@@ -61,13 +61,13 @@ def _run(executor, graph) -> tuple[object, list, torch.Tensor]:
 def golden_base(host, fixtures_dir):
     import comfy_host
 
-    keys = list(load_file(fixtures_dir / "anima_loha_blocks.expected.safetensors"))
+    keys = list(goldens.expected("anima_loha_blocks"))
     return _run(comfy_host.Executor(host), _graph("golden_dit", None, record=",".join(keys)))
 
 
 @pytest.mark.parametrize("strength", [0.6, 0.0])
 def test_golden_anima_block_file_on_the_dit(host, executor, fixtures_dir, golden_base, strength):
-    expected = load_file(fixtures_dir / "anima_loha_blocks.expected.safetensors")
+    expected = goldens.expected("anima_loha_blocks")
     name = install_golden(host, fixtures_dir, "anima_loha_blocks")
     res, records, latent = _run(executor, _graph("golden_dit", "LoadLoHa", name, strength,
                                                  record=",".join(expected)))
