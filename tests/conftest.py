@@ -3,6 +3,7 @@ ComfyUI host."""
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,17 +23,29 @@ def fixtures_dir() -> Path:
     return goldens.FIXTURES
 
 
+def _cpu() -> str:
+    """Which CPU kernels torch runs and on how many threads: no verdict may depend on either
+    (the suite passes under ATEN_CPU_CAPABILITY=default|avx2|avx512 and OMP_NUM_THREADS=1)."""
+    import torch
+
+    env = ", ".join(f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "OMP_NUM_THREADS")
+                    if k in os.environ)
+    n = torch.get_num_threads()
+    return (f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{n} thread{'s' * (n != 1)}" + (f"; {env}" if env else ""))
+
+
 def pytest_report_header(config):
     import comfy_host
 
-    return f"host: {comfy_host.HOST_NAME} ({comfy_host.COMFY_DIR})"
+    return [f"host: {comfy_host.HOST_NAME} ({comfy_host.COMFY_DIR})", _cpu()]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     import comfy_host
 
     counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")}
-    terminalreporter.write_line(f"host {comfy_host.HOST_NAME}: " + ", ".join(
+    terminalreporter.write_line(f"host {comfy_host.HOST_NAME} ({_cpu()}): " + ", ".join(
         f"{n} {k}" for k, n in counts.items() if n) + f" (exit status {int(exitstatus)})")
 
 
