@@ -203,3 +203,32 @@ export async function panelFits(page, nodeId, widget) {
     return { fits: el.scrollHeight <= el.clientHeight + 1, scrollHeight: el.scrollHeight, clientHeight: el.clientHeight };
   }, { nodeId, widget });
 }
+
+/**
+ * Type `text` into the text widget `widget` of node `nodeId` as a user does: in Vue mode into the
+ * node's own text field; in classic mode by clicking the widget on the canvas, which opens the
+ * canvas' value dialog (the node must be on screen). Enter commits.
+ */
+export async function typeInWidget(page, nodeId, widget, text) {
+  const field = page.locator(`[data-node-id="${nodeId}"] :is(input, textarea)[aria-label="${widget}"]`);
+  if (await isVueNode(page, nodeId)) {
+    await field.fill(text);
+    await field.press("Enter");
+    return;
+  }
+  const at = await page.evaluate(({ nodeId, widget }) => {
+    const app = window.comfyAPI.app.app;
+    const node = app.graph.getNodeById(nodeId);
+    const w = node.widgets.find((x) => x.name === widget);
+    const { scale, offset } = app.canvas.ds;
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    return { x: rect.left + (offset[0] + node.pos[0] + node.size[0] / 2) * scale,
+      y: rect.top + (offset[1] + node.pos[1] + (w.y ?? w.last_y) + 10) * scale };
+  }, { nodeId, widget });
+  await page.mouse.move(at.x, at.y);
+  await page.mouse.click(at.x, at.y, { delay: 100 });
+  const dialog = page.locator(".graphdialog input.value").last();
+  await dialog.waitFor({ state: "visible", timeout: 15_000 });
+  await dialog.fill(text);
+  await dialog.press("Enter");
+}

@@ -1,9 +1,9 @@
 // The schedule curve and the live loss chart in the real ComfyUI frontend: a Strength Schedule
-// node draws its curve while its schedule text changes; a tiny TrainLyCORIS run fills the loss
+// node draws its curve while its schedule text is typed; a tiny TrainLyCORIS run fills the loss
 // chart from the trainer's progress text. Screenshot of both.
 // usage: node schedule_train.mjs <url> <lora_name> <screenshot.png> <train steps> <classic|vue>
-import { addNode, connect, isVueNode, panelFits, resetView, runScenario, waitQueueEmpty, waitWidgetText, widgetText,
-  widgetTop } from "./common.mjs";
+import { addNode, connect, isVueNode, panelFits, resetView, runScenario, typeInWidget, waitQueueEmpty, waitWidgetText,
+  widgetText, widgetTop } from "./common.mjs";
 
 const [url, loraName, shot, steps, mode] = process.argv.slice(2);
 if (!url || !loraName || !shot || !steps || !mode) {
@@ -18,18 +18,10 @@ await runScenario(url, shot, async (page, result) => {
     { lora_name: loraName, schedule: "0:0, 30%:1, 70%:1, 100%:0", interpolation: "cosine",
       preview_steps: 12 }, [420, 620]);
   result.curve_caption = await waitWidgetText(page, sched, "lycoris_curve", "cosine", 30_000);
-  // an invalid schedule shows the parser's error instead of a curve
-  await page.evaluate((id) => {
-    const w = window.comfyAPI.app.app.graph.getNodeById(id).widgets.find((x) => x.name === "schedule");
-    w.value = "0:1, banana";
-    w.callback?.(w.value);
-  }, sched);
+  // typed by hand: an invalid schedule shows the parser's error instead of a curve, a preset its curve
+  await typeInWidget(page, sched, "schedule", "0:1, banana");
   result.curve_error = await waitWidgetText(page, sched, "lycoris_curve", "banana", 30_000, ".lyc-error");
-  await page.evaluate((id) => {
-    const w = window.comfyAPI.app.app.graph.getNodeById(id).widgets.find((x) => x.name === "schedule");
-    w.value = "fade_out";
-    w.callback?.(w.value);
-  }, sched);
+  await typeInWidget(page, sched, "schedule", "fade_out");
   result.curve_preset_caption = await waitWidgetText(page, sched, "lycoris_curve", "100%:0", 30_000);
   result.curve_preset_error = await widgetText(page, sched, "lycoris_curve", ".lyc-error");
 
