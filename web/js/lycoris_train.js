@@ -31,7 +31,7 @@ function setupTrainer(node) {
 /**
  * Grow `node` to the height its widgets need. The frontend shows progress text in a widget of its
  * own that it adds under the chart on the first message, without growing the node (1.32 and 1.45
- * alike), which would squeeze the chart's caption out of view.
+ * alike): the node was then 20 px shorter than its widgets need, and that widget got less room.
  */
 function fitHeight(node) {
   const need = node.computeSize?.()?.[1];
