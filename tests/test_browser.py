@@ -13,6 +13,7 @@ and playwright-core are installed by scripts/bootstrap.sh.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -185,10 +186,12 @@ def _shot(name: str, mode: str | None = None) -> Path:
     return shot
 
 
-def _check_mode(result: dict, mode: str) -> None:
-    """The page ran in the node mode asked for (the setting, and the nodes really drawn so)."""
-    assert result["vue_nodes_setting"] is (mode == "vue"), result
-    assert result["frontend_version"], result
+def _check_page(result: dict, mode: str | None = None) -> None:
+    """The page is this host's own frontend (the package installed next to its ComfyUI), in the
+    node mode asked for."""
+    assert result["frontend_version"] == importlib.metadata.version("comfyui-frontend-package"), result
+    if mode is not None:
+        assert result["vue_nodes_setting"] is (mode == "vue"), result
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -196,7 +199,7 @@ def test_loader_panel_in_chromium(server, mode):
     url, log_path = server
     shot = _shot("loader_panel", mode)
     result = _browser("loader_panel.mjs", url + "/", LORA, str(shot), mode, "run", log_path=log_path)
-    _check_mode(result, mode)
+    _check_page(result, mode)
     assert result["vue_node"] is (mode == "vue"), result
     assert "lycoris_nodes.loaders" in result["extensions"]
     assert result["combo_options"][0] == FIRST_LORA and LORA in result["combo_options"], result
@@ -224,7 +227,7 @@ def test_schedule_curve_and_loss_chart_in_chromium(server, mode):
     shot = _shot("schedule_train", mode)
     steps = 6
     result = _browser("schedule_train.mjs", url + "/", LORA, str(shot), str(steps), mode, log_path=log_path)
-    _check_mode(result, mode)
+    _check_page(result, mode)
     assert result["vue_nodes"] == [mode == "vue"] * 2, result
     assert {"lycoris_nodes.schedule", "lycoris_nodes.train"} <= set(result["extensions"])
     assert "cosine" in result["curve_caption"] and "12 steps" in result["curve_caption"], result
@@ -254,6 +257,7 @@ def test_examples_load_in_the_frontend(server, host):
     names = sorted(p.stem for p in EXAMPLES.glob("*.json"))
     shot = _shot("example_workflow")
     result = _browser("workflows.mjs", url + "/", "lycoris-nodes", str(shot), *names, log_path=log_path)
+    _check_page(result)
     for name in names:
         got = result["workflows"][name]
         ui = json.loads((EXAMPLES / f"{name}.json").read_text())
