@@ -175,3 +175,52 @@ def test_text_encoders_train_under_the_default_bf16_autocast(executor):
     te2 = [m for n, m in ad.modules.items() if n.startswith("lora_te2_")]
     assert te2 and all(float(m.delta().abs().max()) > 0 for m in te2)
     assert all(math.isfinite(x) for x in read_state(path)[1]["losses"])
+
+
+@pytest.mark.parametrize("kind,algo", [("sdxl", "lokr"), ("dit", "loha"), ("dit", "lokr")])
+def test_trained_file_loads_back_exactly_in_both_loaders(executor, host, kind, algo):
+    """The file TrainLyCORIS writes (diffusion model, Anima's LLM adapter, text encoders) loads
+    back in LoadLyCORIS and in ComfyUI's own LoraLoader with W' = W0 + ΔW of the file for every
+    module. Exception: ComfyUI 0.3.75 maps none of Anima's `lora_te_` names (SPEC §5), so its
+    loader leaves the Qwen3 weights as they were; current ComfyUI maps them."""
+    import shutil
+
+    import comfy_host
+    from test_train_graph import patched_weights
+
+    (_, path, _, _), _ = run(executor, kind, algorithm=algo, steps=2, train_llm_adapter=True,
+                             factor=4, output_name=f"lycoris/reload_{kind}_{algo}")
+    name = f"reload_{kind}_{algo}_{Path(path).name}"
+    shutil.copy(path, host.base_dir / "models" / "loras" / name)
+    g = {"1": graph(kind)["1"]}
+    for node, cls in (("2", "LoadLyCORIS"), ("3", "LoraLoader")):
+        g[node] = {"class_type": cls, "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                 "lora_name": name, "strength_model": 1.0,
+                                                 "strength_clip": 1.0}}
+        g[f"{node}s"] = {"class_type": "LycorisTestSink", "inputs": {"model": [node, 0],
+                                                                     "clip": [node, 1]}}
+    g["2"]["inputs"]["block_weights"] = ""
+    res = executor.run(g)
+    assert res.ok, (res.node_errors, res.execution_error)
+    base = {**patched_weights(res.outputs("1")[0]), **clip_weights(res.outputs("1")[1])}
+    ad = load_adapter(path)
+    matched = ad.resolve(KeyMap(base.keys())).matched
+    assert len(matched) == len(ad.modules)
+    assert any(k.startswith("lora_te") for k in matched)
+    if kind == "dit" and comfy_host.CURRENT:
+        assert any(k.startswith("lora_unet_llm_adapter_") for k in matched)
+    comfy_skips_te = kind == "dit" and not comfy_host.CURRENT
+    for node in ("2", "3"):
+        model, clip = res.outputs(node)[0], res.outputs(node)[1]
+        got = {**patched_weights(model), **clip_weights(clip)}
+        for mod, key in matched.items():
+            dw = ad.modules[mod].delta(torch.float64, shape=tuple(base[key].shape))
+            change = got[key].double() - base[key].double()
+            if node == "3" and comfy_skips_te and mod.startswith("lora_te_"):
+                assert float(change.abs().max()) == 0.0, mod
+                continue
+            if mod.startswith("lora_te1_text_model_encoder_layers_2_"):  # no gradient (above)
+                assert float(dw.abs().max()) == 0.0 and float(change.abs().max()) == 0.0, mod
+                continue
+            assert dw.abs().max() > 0, mod
+            assert (change - dw).abs().max() / dw.abs().max() < 1e-4, (node, mod)
