@@ -156,7 +156,9 @@ def test_train_overfits_saves_and_reloads(executor, data_node, host, kind, algo,
     assert len(losses) == extra["steps"]
     print(f"[loss] {kind} {algo}: paired {after / before:.3f}, "
           f"last/first 5 steps {sum(losses[-5:]) / sum(losses[:5]):.3f}")
-    # measured (seed 0): tiny SDXL 0.80 (LoHa) / 0.36 (LoKr + conv), tiny DiT 0.37 / 0.53
+    # measured (seed 0, the same under ATEN_CPU_CAPABILITY default/avx2/avx512): paired ratio
+    # tiny SDXL 0.44 (LoHa) / 0.36 (LoKr); tiny DiT, real Anima (current ComfyUI) 0.30 / 0.38,
+    # Cosmos stand-in (0.3.75) 0.37 / 0.42; last/first 5 steps at most 0.57
     assert after < 0.85 * before, (before, after)
     assert sum(losses[-5:]) < 0.9 * sum(losses[:5]), losses
 

@@ -97,6 +97,8 @@ def test_text_encoders_train_from_captions(executor, kind, algo, extra):
     # both halves learned, and the loss (captions re-encoded by the trained CLIP) drops
     before, after = paired_loss(base, base_clip, kind), paired_loss(trained, trained_clip, kind)
     print(f"[loss] {kind} {algo} + text encoder: paired {after / before:.3f}")
+    # measured (seed 0, all CPU kernel paths): SDXL 0.45, Anima 0.30 (LoHa) / 0.34 (LoKr),
+    # Cosmos stand-in 0.35 / 0.36
     assert after < 0.85 * before, (before, after)
 
     # the output CLIP carries exactly W0 + ΔW of the reloaded file for every text-encoder layer
@@ -135,6 +137,7 @@ def test_text_encoder_alone_lowers_the_loss(executor, kind):
     assert te and all(float(m.delta().abs().max()) > 0 for m in te)
     before, after = paired_loss(base, base_clip, kind), paired_loss(trained, trained_clip, kind)
     print(f"[loss] {kind} text encoder alone: paired {after / before:.3f}")
+    # measured: SDXL 0.83, Anima 0.86, Cosmos stand-in 0.55 (≥ 4.5× the 3 % asked)
     assert after < 0.97 * before, (before, after)
     stem = Path(path).name[: -len(".safetensors")]
     sh = (Path(path).parent / f"{stem}.sdscripts.sh").read_text()
