@@ -243,16 +243,17 @@ def test_twins_give_the_fused_values(host, autocast):
     """Bit for bit: the twin and the fused op on every call of a tiny and a golden (real-width)
     Anima sampling step, and the whole family on synthetic shapes, in float32 and under bf16
     autocast with bf16 activations (as training runs them)."""
-    ck, eager = kitchen()
+    ck, _ = kitchen()
+    twins = {name: twin for _, name, twin in _pack("train_ops").substitutes()}
     cases = [("rms_rope_split_half", args) for v in ("tiny", "golden") for args in recorded_calls(v)]
-    cases += [(name, _synthetic(name)) for name in _pack("train_ops").KITCHEN_OPS]
+    cases += [(name, _synthetic(name)) for name in twins]
     for name, args in cases:
         if autocast:
             args = tuple(a.bfloat16() if isinstance(a, torch.Tensor) and a.dim() <= 4 else a
                          for a in args)
         ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
         with ctx:
-            fused, twin = _as_tuple(getattr(ck, name)(*args)), _as_tuple(getattr(eager, name)(*args))
+            fused, twin = _as_tuple(getattr(ck, name)(*args)), _as_tuple(twins[name](*args))
         assert len(fused) == len(twin)
         for a, b in zip(fused, twin, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b), name
@@ -345,14 +346,39 @@ def _sample_graph(kind: str) -> dict:
     }
 
 
+def _sample_direct(model, kind: str) -> torch.Tensor:
+    """Two sampler steps on `model` (ComfyUI's `comfy.sample.sample`), the training set's first
+    conditioning, fixed seed."""
+    import comfy.model_management as mm
+    import comfy.sample
+
+    lat, cond = TEST_DATA["sdxl" if kind == "sdxl" else "dit"]()
+    latent = torch.zeros_like(lat["samples"][:1])
+    noise = torch.randn(latent.shape, generator=torch.Generator().manual_seed(7))
+    with torch.inference_mode():
+        out = comfy.sample.sample(model, noise, 2, 2.0, "euler", "normal", [cond[0]], [cond[1]],
+                                  latent, disable_pbar=True, seed=7)
+    mm.unload_all_models()
+    return out
+
+
 @pytest.mark.parametrize("kind", ["sdxl", "dit"])
-def test_inference_after_training_is_bit_identical(host, kind):
+def test_inference_after_training_is_bit_identical(host, monkeypatch, kind):
     """Same graph, same seed: the sampler's output after a TrainLyCORIS run equals the one
-    before, bit for bit; the fused ops are the host's own again and run at inference."""
+    before, bit for bit; the fused ops are the host's own again and run at inference. Also on
+    the very model object the trainer was given."""
     import comfy_host
     from test_train_graph import graph as train_graph
 
     before_state = _state()
+    model, _ = _models(kind, False)
+    first_direct = _sample_direct(model, kind)
+    lat, cond = TEST_DATA["sdxl" if kind == "sdxl" else "dit"]()
+    with torch.inference_mode():
+        _pack("train").train(model, [lat], [cond], {**DEFAULTS, "steps": 2,
+                                                    "output_name": f"lycoris/same_{kind}"})
+    assert_restored(before_state)
+    assert torch.equal(_sample_direct(model, kind), first_direct)
 
     def sample():
         res = comfy_host.Executor(host).run(_sample_graph(kind))
