@@ -204,19 +204,27 @@ def test_train_overfits_saves_and_reloads(executor, data_node, host, kind, algo,
     mm.unload_all_models()
 
 
-def test_cancel_saves_what_was_trained(executor, data_node, host):
+def run_cancelled(executor, prompt: dict, at_step: int, watch=None):
+    """Run `prompt`, pressing Cancel when the progress bar reaches `at_step`; `watch()` is
+    called at every progress update (to observe the trainer while it runs)."""
     import comfy.model_management as mm
     import comfy.utils
 
     def hook(value, total, preview, node_id=None):
-        if value == 3:
+        if watch is not None:
+            watch()
+        if value == at_step:
             mm.interrupt_current_processing(True)
     comfy.utils.set_progress_bar_global_hook(hook)
     try:
-        res = executor.run(graph("sdxl", steps=10, output_name="lycoris/cancelled"))
+        return executor.run(prompt)
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
+
+
+def test_cancel_saves_what_was_trained(executor, data_node, host):
+    res = run_cancelled(executor, graph("sdxl", steps=10, output_name="lycoris/cancelled"), 3)
     assert not res.ok
     saved = sorted((host.base_dir / "output" / "lycoris").glob("cancelled_*step000003.safetensors"))
     assert len(saved) == 1, saved

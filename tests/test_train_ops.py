@@ -423,22 +423,14 @@ def test_twins_only_while_training_and_restored_after_an_error(host, monkeypatch
 def test_twins_restored_after_cancel(host, executor):
     kitchen()
     import comfy.model_management as mm
-    import comfy.utils
     import comfy_kitchen as ck
     from test_train_graph import graph as train_graph
+    from test_train_graph import run_cancelled
 
     before, fused, seen = _state(), ck.rms_rope_split_half, []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(ck.rms_rope_split_half is not fused and mm.in_training)
-        if value == 2:
-            mm.interrupt_current_processing(True)
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        res = executor.run(train_graph("dit", steps=10, output_name="lycoris/cancel_ops"))
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
+    res = run_cancelled(executor, train_graph("dit", steps=10, output_name="lycoris/cancel_ops"), 2,
+                        watch=lambda: seen.append(ck.rms_rope_split_half is not fused
+                                                  and mm.in_training))
     assert not res.ok and seen and all(seen)
     assert_restored(before)
     out = Path(host.base_dir) / "output" / "lycoris"
