@@ -261,7 +261,10 @@ def select_host() -> str:
         for n in ("1", "2"):
             py, tree = values.get(f"HOST{n}_PY", "").strip(), values.get(f"HOST{n}_DIR", "").strip()
             if py and tree and Path(py).parent.parent.resolve() == here:
-                chosen = tree
+                # the file holds the paths of the checkout that last bootstrapped: the same
+                # tree under this checkout's .cache when it is there (worktrees share one)
+                local = ROOT / ".cache" / Path(tree).name
+                chosen = str(local) if local.is_dir() else tree
     if chosen:
         os.environ["LYCORIS_COMFYUI_DIR"] = chosen
     return chosen or str(ROOT / ".cache" / "comfyui-0.3.75")

@@ -21,6 +21,7 @@ Cancel, every attribute is put back to the object it was.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Iterator
@@ -45,12 +46,11 @@ def _needs_grad(args: tuple, kwargs: dict) -> bool:
 
 def routed(fused: Callable, twin: Callable) -> Callable:
     """`fused` for calls autograd does not record, `twin` (differentiable) for those it does."""
+    @functools.wraps(fused)
     def op(*args, **kwargs):
         if _needs_grad(args, kwargs):
             return twin(*args, **kwargs)
         return fused(*args, **kwargs)
-    op.__wrapped__ = fused
-    op.__name__ = getattr(fused, "__name__", "op")
     return op
 
 
