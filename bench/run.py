@@ -58,10 +58,12 @@ def _train_rows(result: dict) -> list[dict]:
     for r in paired.get("rows", []):
         bench = (f"training step, paired rounds vs ComfyUI TrainLoraNode on the tiny SDXL "
                  f"({paired['host']}, 1 thread)")
-        note = {}
+        note, case = {}, f"{r['algo']} r{r['rank']} on the tiny {r['kind']} — step time"
         if r["kind"] != "sdxl":
             note["note"] = f"ComfyUI's trainer on the tiny {r['kind']}: {paired['comfyui_on_anima']}"
-        rows.append(row(bench, f"{r['algo']} r{r['rank']} on the tiny {r['kind']} — step time",
+            if str(paired["comfyui_on_anima"]).startswith("fails"):
+                case += " (ComfyUI's trainer fails on Anima: vs its tiny-SDXL step)"
+        rows.append(row(bench, case,
                         r["lycoris_step_s"], {"comfyui": r["comfyui_sdxl_step_s"]}, "s",
                         ratios={"pack/comfyui": r["ratio"]},
                         ratio_quartiles=[r["ratio_q1"], r["ratio_q3"]], **note))

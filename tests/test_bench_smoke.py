@@ -97,8 +97,10 @@ def test_train_paired_result_becomes_rows():
         {"kind": "anima", "algo": "loha", "rank": 4, "lycoris_step_s": 0.05,
          "comfyui_sdxl_step_s": 0.4, "ratio": 0.13, "ratio_q1": 0.12, "ratio_q3": 0.14}]}
     rows = run._train_rows({"paired_steps": paired})
-    assert [r["case"] for r in rows] == ["loha r4 on the tiny sdxl — step time",
-                                         "loha r4 on the tiny anima — step time"]
+    assert [r["case"] for r in rows] == [
+        "loha r4 on the tiny sdxl — step time",
+        "loha r4 on the tiny anima — step time (ComfyUI's trainer fails on Anima: vs its "
+        "tiny-SDXL step)"]
     assert [r["ratios"]["pack/comfyui"] for r in rows] == [0.55, 0.13]
     assert "note" not in rows[0] and "fails" in rows[1]["note"]
 
