@@ -256,12 +256,37 @@ def _child_main(target: str, kwargs_json: str) -> None:
 _COMFY_BASE: list[Path] = []
 
 
+def select_host() -> str:
+    """The ComfyUI tree the benches boot, also for their child processes (exported as
+    $LYCORIS_COMFYUI_DIR): $LYCORIS_COMFYUI_DIR if set, else the host whose venv runs this
+    Python (`.cache/hosts.env` of scripts/bootstrap.sh: `.venv` → 0.3.75, `.venv-host2` →
+    current ComfyUI), else tests/comfy_host's default (0.3.75)."""
+    chosen = os.environ.get("LYCORIS_COMFYUI_DIR")
+    env_file = ROOT / ".cache" / "hosts.env"
+    if not chosen and env_file.is_file():
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
+        here = Path(sys.prefix).resolve()
+        for n in ("1", "2"):
+            py, tree = values.get(f"HOST{n}_PY", "").strip(), values.get(f"HOST{n}_DIR", "").strip()
+            if py and tree and Path(py).parent.parent.resolve() == here:
+                # the file holds the paths of the checkout that last bootstrapped: the same
+                # tree under this checkout's .cache when it is there (worktrees share one)
+                local = ROOT / ".cache" / Path(tree).name
+                chosen = str(local) if local.is_dir() else tree
+    if chosen:
+        os.environ["LYCORIS_COMFYUI_DIR"] = chosen
+    return chosen or str(ROOT / ".cache" / "comfyui-0.3.75")
+
+
 def comfy_host():
-    """The real ComfyUI 0.3.75 (tests/comfy_host.py), booted once per process in a temp dir."""
+    """The real ComfyUI of `select_host()` (tests/comfy_host.py: 0.3.75 or current), booted
+    once per process in a temp dir."""
     import atexit
     import shutil
     import tempfile
 
+    select_host()
     if str(ROOT / "tests") not in sys.path:
         sys.path.insert(0, str(ROOT / "tests"))
     import comfy_host as host_mod
