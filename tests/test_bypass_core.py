@@ -357,3 +357,15 @@ def test_bypass_plan_is_a_dataclass_of_the_module():
     module = _module(_loha_tensors(8, 8))
     plan = module.bypass_plan(LayerGeometry.linear(8, 8))
     assert isinstance(plan, BypassPlan) and plan.module is module and plan.scale == 0.5
+
+
+def test_lokr_conv_whose_w1_does_not_split_the_channels():
+    """A LoKr conv file factorised over I·k·k instead of I (w1 (a, c) with c ∤ I): its ΔW is still a
+    valid (O, I, k, k) weight (the patch path reshapes it); bypass applies it exactly too."""
+    layer = LayerGeometry.convolution((40, 48, K, K), padding=1)
+    (a, b), (c, d) = factorization(40), factorization(48 * K * K)
+    assert 48 % c != 0
+    f = lokr.LoKrFactors(w1=rnd(a, c), w2_a=rnd(b, 4), w2_b=rnd(4, d))
+    x = make_input(layer, torch.float64)
+    want = layer_op(x, lokr.diff_weight(f, 0.5), layer)
+    assert rel_err(lokr.bypass_diff(x, f, layer, 0.5), want) < 1e-12

@@ -66,6 +66,13 @@ class BypassPlan:
                 f = self._factors[device] = self.module.factors(device, None)
         return f
 
+    def release(self) -> None:
+        """Forget the factors and DoRA scales copied to devices other than the CPU (the CPU ones
+        are the adapter's own tensors)."""
+        for cache in (self._factors, self._dora):
+            for k in [k for k in cache if (k[0] if isinstance(k, tuple) else k).type != "cpu"]:
+                del cache[k]
+
     def _dora_on(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
         v = self._dora.get((device, dtype))
         if v is None:

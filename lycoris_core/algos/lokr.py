@@ -130,7 +130,8 @@ def bypass_diff(x: torch.Tensor, f: LoKrFactors, layer: LayerGeometry,
     Linear, x (..., c·d) seen as X (n, c, d): (W1 ⊗ W2) vec(X) = vec(W1 · X · W2ᵀ), two products
     in the cheaper order (one is a single large GEMM over the d axis, the other a batch over n).
     Conv, x (B, c·d, *spatial): the c groups of d channels go through W2 (b, d, *k) with the
-    layer's kernel as a batch of B·c, then W1 mixes the groups: (B, a·b, *spatial').
+    layer's kernel as a batch of B·c, then W1 mixes the groups: (B, a·b, *spatial'). (A file
+    whose W1 does not split the input channels gets the Kronecker product applied as a weight.)
     W2 is rebuilt from its factors (full, a @ b, or Tucker: small) and the scale goes on the
     smaller half.
     """
@@ -144,6 +145,10 @@ def bypass_diff(x: torch.Tensor, f: LoKrFactors, layer: LayerGeometry,
     w1 = w1.reshape(a, c)
     if layer.conv:
         d = layer.in_features // c
+        if d * c != layer.in_features or w2[0].numel() != d * layer.kernel_numel:
+            # W1's columns do not split the input channels (a flat ΔW factorised across the
+            # kernel): not a grouped convolution, so apply the Kronecker product itself
+            return layer.kernel_op(x, kron(w1, w2.reshape(b, -1)))
         batch, spatial = x.shape[0], x.shape[2:]
         h = layer.kernel_op(x.reshape(batch * c, d, *spatial), w2.reshape(b, d, *layer.kernel))
         out_spatial = h.shape[2:]
