@@ -26,7 +26,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import golden_cases, rel_err
+from helpers import rel_err
 from safetensors.torch import load_file
 from test_loaders_common import (
     install_golden,
@@ -36,8 +36,6 @@ from test_loaders_common import (
     sampler_graph,
     write_adapter,
 )
-
-import lycoris_core as lc
 
 TOL = 1e-2
 EXACT = 1e-5  # layer level, against the references' ΔW (float32 noise is ~1e-7)
@@ -49,6 +47,27 @@ def ratio(base, patch, bypass) -> float:
     effect = float((patch - base).abs().max())
     assert effect > 0, "the adapter changed nothing: the comparison would be empty"
     return float((bypass - patch).abs().max()) / effect
+
+
+def _golden_cases() -> list[str]:
+    """The golden case names (tests/fixtures' `goldens` once merged, else the shared folder)."""
+    try:
+        import goldens
+    except ImportError:
+        from conftest import FIXTURES
+        from helpers import golden_cases
+
+        return golden_cases(FIXTURES)
+    return goldens.cases()
+
+
+def _expected(fixtures_dir, case: str) -> dict[str, torch.Tensor]:
+    """{key: the references' ΔW at strength 1} of a golden case (see `_golden_cases`)."""
+    try:
+        import goldens
+    except ImportError:
+        return load_file(fixtures_dir / f"{case}.expected.safetensors")
+    return goldens.expected(case)
 
 
 def _models():
@@ -102,13 +121,12 @@ def _run_layer(patcher, layer, x):
     return y, backups
 
 
-@pytest.mark.parametrize("case", golden_cases(__import__("conftest").FIXTURES))
+@pytest.mark.parametrize("case", _golden_cases())
 def test_golden_layer_bypass_equals_references(host, patching, fixtures_dir, case):
     """Each golden file on a real ComfyUI op of its layer's shape: the bypass output is
     W0 x + b + s·ΔW_reference x (the references' own ΔW), equal to patch mode; the weight is
     bit-identical afterwards, no backup is held while loaded, and the hooks are gone."""
-    expected = load_file(fixtures_dir / f"{case}.expected.safetensors")
-    (key, dw), = expected.items()
+    (key, dw), = _expected(fixtures_dir, case).items()
     base_file = fixtures_dir / f"{case}.base.safetensors"
     g = torch.Generator().manual_seed(0)
     w0 = (load_file(base_file)[key].float() if base_file.exists()
@@ -170,7 +188,7 @@ def test_golden_sample_bypass_equals_patch(host, golden_ex, fixtures_dir, case):
     executor, golden_base = golden_ex
     kind, loader = SAMPLED[case]
     name = install_golden(host, fixtures_dir, case)
-    (key,) = load_file(fixtures_dir / f"{case}.expected.safetensors")
+    (key,) = _expected(fixtures_dir, case)
     latents = {}
     for mode in ("patch", "bypass"):
         g = sampler_graph(kind, loader, name, strength_model=0.8, mode=mode, record=key)
@@ -202,7 +220,8 @@ def test_golden_anima_block_file_sampled_on_the_dit(host, executor, fixtures_dir
 # --------------------------------------------------------- tiny SDXL: whole model, blocks, CLIP
 @pytest.fixture(scope="module")
 def tiny(host):
-    """LoHa and LoKr files on every ≥2-D weight of the tiny SDXL UNet and both CLIPs."""
+    """LoHa and LoKr files for the tiny SDXL: `files_all` on every ≥2-D weight of the UNet and of
+    both CLIPs' encoder layers, `files` on every 4th of them (linear and conv layers alike)."""
     import comfy_host
 
     res, _ = run_recorded(comfy_host.Executor(host), sampler_graph("tiny_sdxl", None))
@@ -211,12 +230,16 @@ def tiny(host):
               if k.startswith("diffusion_model.") and k.endswith(".weight") and v.dim() >= 2}
     shapes.update({k: tuple(v.shape) for k, v in clip.cond_stage_model.state_dict().items()
                    if ".encoder.layers." in k and k.endswith(".weight") and v.dim() == 2})
-    files = {}
+    some = dict(list(shapes.items())[::4])
+    assert any(len(s) == 4 and s[2] > 1 for s in some.values())  # 3×3 convs among them
+    files, files_all = {}, {}
     for algo in ("loha", "lokr"):
         tensors, _ = make_adapter(shapes, algo, seed=11)
-        files[algo] = write_adapter(host, f"bypass_all_{algo}.safetensors", tensors, algo)
-    return {"files": files, "shapes": shapes, "latent": _latent(res),
-            "cond": res.outputs("5")[0][0][0].clone(),
+        files_all[algo] = write_adapter(host, f"bypass_all_{algo}.safetensors", tensors, algo)
+        tensors, _ = make_adapter(some, algo, seed=12)
+        files[algo] = write_adapter(host, f"bypass_some_{algo}.safetensors", tensors, algo)
+    return {"files": files, "files_all": files_all, "shapes": shapes, "some": some,
+            "latent": _latent(res), "cond": res.outputs("5")[0][0][0].clone(),
             "base": {k: v.clone() for k, v in model.model.state_dict().items() if k in shapes}}
 
 
@@ -233,7 +256,7 @@ def _pair(executor, make_graph, extra_check=None):
 
 @pytest.mark.parametrize("algo,loader", [("loha", "LoadLoHa"), ("lokr", "LoadLyCORIS")])
 def test_whole_model_with_block_weights_and_clip(host, executor, tiny, algo, loader):
-    """All 70+ UNet layers (linear and conv) and the CLIP layers, per-block strengths: bypass =
+    """Every UNet layer (linear and conv) and the CLIP layers, per-block strengths: bypass =
     patch for the sample and for the text conditioning; no UNet weight ever changes."""
     keys = ",".join(list(tiny["base"])[:6])
 
@@ -248,7 +271,7 @@ def test_whole_model_with_block_weights_and_clip(host, executor, tiny, algo, loa
             assert len(patching_of(host).injections_of(clip.patcher)) == 1
 
     patch, bypass = _pair(executor, lambda mode: sampler_graph(
-        "tiny_sdxl", loader, tiny["files"][algo], strength_model=0.9, strength_clip=0.7,
+        "tiny_sdxl", loader, tiny["files_all"][algo], strength_model=0.9, strength_clip=0.7,
         block_weights="OUT0-8=0.5, MID=0, IN4=1.5, TE2=0.3", mode=mode, record=keys), check)
     assert ratio(tiny["latent"], _latent(patch), _latent(bypass)) < TOL
     cond = [r.outputs("5")[0][0][0] for r in (patch, bypass)]
@@ -316,8 +339,7 @@ def _schedule_graph(name, mode, schedule="0:1, 50%:0.2, 1:0.6", loader=None, lor
 
     node = {"lora_name": lora_name or name, "strength_model": strength, "schedule": schedule,
             "mode": mode}
-    g = _graph(node, steps=6, loader=loader)
-    return g
+    return _graph(node, steps=4, loader=loader)
 
 
 def test_schedule_bypass_equals_schedule_patch(host, executor, tiny):
@@ -367,7 +389,7 @@ def test_schedule_takes_over_a_bypass_loader(host, executor, tiny, schedule_mode
 def _loader_only(loader: dict) -> dict:
     from test_schedule_host import _graph
 
-    return _graph(None, steps=6, loader=loader)
+    return _graph(None, steps=4, loader=loader)
 
 
 # ------------------------------------------------------------------------------------ stacking
@@ -408,7 +430,7 @@ def _ours(cls, name, s, mode):
 def test_stacks_with_comfyui_lora_loader(host, executor, tiny, ours_first):
     """ComfyUI's LoraLoader patches the same layers (the weight the bypass's f uses): bypass +
     LoraLoader = patch + LoraLoader, in either order."""
-    lora = _lora_file(host, tiny["shapes"])
+    lora = _lora_file(host, tiny["some"])
     core = {"class_type": "LoraLoader", "inputs": {"lora_name": lora, "strength_model": 0.7}}
     latents = {}
     for mode in ("patch", "bypass"):
@@ -437,7 +459,7 @@ def test_stacks_with_core_bypass_on_current_comfyui(host, executor, tiny):
 
     if not comfy_host.at_least("0.28"):
         pytest.skip("ComfyUI 0.3.75 has no core bypass loader")
-    lora = _lora_file(host, tiny["shapes"])
+    lora = _lora_file(host, tiny["some"])
     latents = {}
     for mode, core_cls in (("patch", "LoraLoader"), ("bypass", "LoraLoaderBypass")):
         core = {"class_type": core_cls, "inputs": {"lora_name": lora, "strength_model": 0.7}}
@@ -561,7 +583,7 @@ def test_bypass_report_and_strength_zero(host, executor, tiny):
     res, _ = run_recorded(executor, sampler_graph("tiny_sdxl", "LoadLoKr", tiny["files"]["lokr"],
                                                   0.5, mode="bypass"))
     report = res.outputs("2")[2]
-    n = len(tiny["shapes"])
+    n = len(tiny["some"])  # UNet and CLIP
     assert f"mode: bypass ({n} weights applied at forward time, base weights untouched)" in report
     assert res.ui["2"]["text"][0] == report
 
@@ -578,3 +600,46 @@ def test_examples_of_fallback_geometry(host):
     assert geo.conv and geo.stride == (2, 2) and geo.padding == (1, 1)
     geo = bypass.geometry_of(torch.nn.Linear(2, 3), (3, 2))
     assert not geo.conv and geo.weight_shape == (3, 2)
+
+
+# ------------------------------------------------------------------------------- bad inputs
+def test_bad_files_give_the_same_errors_in_bypass_mode(host, executor, tiny):
+    """Every bad file of the reliability corpus fails in bypass mode with the very message it
+    fails with in patch mode (file and key named), and the input model stays untouched; a ΔW that
+    overflows is reported before sampling (bypass plans check it at load)."""
+    from test_reliability_graph import _bad_files
+
+    keys = [k for k in tiny["shapes"] if k.endswith(("attn1.to_q.weight", "attn2.to_v.weight"))][:2]
+    scratch = loras_dir(host) / "reliability_bypass"
+    scratch.mkdir(exist_ok=True)
+    bad = [(f"reliability_bypass/{n}", k, m) for n, k, m in _bad_files(
+        {k: tiny["shapes"][k] for k in keys}, scratch)]
+    tensors, _ = make_adapter({k: tiny["shapes"][k] for k in keys}, "loha", seed=7)
+    for k in [k for k in tensors if k.endswith("hada_w1_a")][-1:]:
+        tensors[k] = torch.full_like(tensors[k], 1e30)
+        tensors[k.replace("w1_a", "w2_a")] = torch.full_like(tensors[k], 1e30)
+    lc_save(tensors, scratch / "overflow.safetensors")
+    bad.append(("reliability_bypass/overflow.safetensors", None, "overflows float32"))
+    base_res, _ = run_recorded(executor, sampler_graph("tiny_sdxl", None))
+    model = base_res.outputs("1")[0]
+    for lora_name, key, match in bad:
+        messages = {}
+        for mode in ("patch", "bypass"):
+            res = executor.run(sampler_graph("tiny_sdxl", "LoadLyCORIS", lora_name, 0.8, mode=mode))
+            assert not res.ok, (lora_name, mode)
+            err = res.execution_error
+            messages[mode] = err["exception_message"]
+            assert key is None or key in messages[mode]
+            assert match in messages[mode] or __import__("re").search(match, messages[mode])
+            if mode == "bypass":
+                assert err["node_id"] == "2"  # the loader, before anything is sampled
+            assert model.patches == {} and not patching_of(host).injections_of(model)
+            assert all(torch.equal(model.model.state_dict()[k], tiny["base"][k]) for k in keys)
+        assert messages["bypass"] == messages["patch"], lora_name
+
+
+def lc_save(tensors, path):
+    import lycoris_core as lc
+
+    if not path.exists():
+        lc.save_safetensors(tensors, path)

@@ -258,8 +258,8 @@ class AdapterModule:
         when the factors' magnitude bound says it could (bypass never builds ΔW otherwise)."""
         if self.delta_may_overflow(self.factors("cpu", torch.float32)):
             if not all_finite(self.raw_delta(torch.float32, shape=shape)):
-                raise AdapterError(f"module '{self.name}': ΔW overflows float32 (NaN or Inf): "
-                                   "factors too large", file=self.path, key=self._first_key())
+                raise AdapterError(f"module '{self.name}': ΔW overflows float32 (NaN or Inf)",
+                                   file=self.path, key=self.name)
 
     def bypass_plan(self, layer: LayerGeometry, dora_scale: torch.Tensor | None = None):
         """A `bypass.BypassPlan` applying this module to `layer` at forward time; pass the

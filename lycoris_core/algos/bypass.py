@@ -43,7 +43,9 @@ class BypassPlan:
     dora: torch.Tensor | None = None
     strategy: str | None = None
     _factors: dict = field(default_factory=dict, init=False, repr=False)
+    _ready: dict = field(default_factory=dict, init=False, repr=False)
     _dora: dict = field(default_factory=dict, init=False, repr=False)
+    _strategies: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.module.resolved_shape(self.layer.weight_shape)  # raises naming file and key
@@ -55,7 +57,7 @@ class BypassPlan:
                                  f"{self.layer.out_features} outputs")
             self.dora = self.dora.detach().reshape(-1)
         self.scale = self.module.scale
-        self._options = {"strategy": self.strategy} if self.module.algo == "loha" else {}
+        self._loha = self.module.algo == "loha"
 
     def factors_on(self, device: torch.device):
         """The module's factors on `device` in their stored dtype, read (and checked) once per
@@ -66,10 +68,36 @@ class BypassPlan:
                 f = self._factors[device] = self.module.factors(device, None)
         return f
 
+    def factors_for(self, device: torch.device, dtype: torch.dtype):
+        """The factors on `device` cast to `dtype`: kept when that is no copy (stored in `dtype`),
+        else cast again at each call (a float32 copy of fp16 factors would double their memory)."""
+        f = self._ready.get((device, dtype))
+        if f is not None:
+            return f
+        stored = self.factors_on(device)
+        f = _cast(stored, dtype)
+        if all(getattr(f, k.name) is getattr(stored, k.name) for k in fields(f)):
+            self._ready[(device, dtype)] = f
+        return f
+
+    def _strategy_for(self, f, x: torch.Tensor) -> dict:
+        """LoHa's strategy for this input size (`loha.choose_strategy`, once per size)."""
+        if not self._loha:
+            return {}
+        if self.strategy is not None:
+            return {"strategy": self.strategy}
+        size = (self.layer.positions(x), self.layer.output_positions(x))
+        strategy = self._strategies.get(size)
+        if strategy is None:
+            from .loha import choose_strategy
+
+            strategy = self._strategies[size] = choose_strategy(f, self.layer, *size)
+        return {"strategy": strategy}
+
     def release(self) -> None:
         """Forget the factors and DoRA scales copied to devices other than the CPU (the CPU ones
         are the adapter's own tensors)."""
-        for cache in (self._factors, self._dora):
+        for cache in (self._factors, self._ready, self._dora):
             for k in [k for k in cache if (k[0] if isinstance(k, tuple) else k).type != "cpu"]:
                 del cache[k]
 
@@ -83,12 +111,12 @@ class BypassPlan:
     def delta_out(self, x: torch.Tensor) -> torch.Tensor:
         """scale · ΔW x in float32 (float64 for float64 x), in the layer's output layout."""
         cdt = compute_dtype(x.dtype)
-        f = _cast(self.factors_on(x.device), cdt)
+        f = self.factors_for(x.device, cdt)
         x = x.to(cdt)
         unbatched = self.layer.conv and x.dim() == self.layer.spatial + 1
         if unbatched:
             x = x.unsqueeze(0)
-        h = self.module.bypass_diff(x, f, self.layer, self.scale, **self._options)
+        h = self.module.bypass_diff(x, f, self.layer, self.scale, **self._strategy_for(f, x))
         return h.squeeze(0) if unbatched else h
 
     def change(self, x: torch.Tensor, out: torch.Tensor, strength: float,
