@@ -140,19 +140,30 @@ def make_adapter(mods: dict, algo: str, seed: int):
     return t
 
 
+def place(root, key: str, value) -> None:
+    """Put `value` (a Module, or a tensor made a frozen Parameter) at the dotted `key` under
+    `root`, creating empty Modules for the path."""
+    import torch
+
+    *path, leaf = key.split(".")
+    node = root
+    for part in path:
+        if not hasattr(node, part):
+            node.add_module(part, torch.nn.Module())
+        node = getattr(node, part)
+    if isinstance(value, torch.nn.Module):
+        node.add_module(leaf, value)
+    else:
+        node.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
 def module_tree(weights: dict):
     """A torch module tree holding `weights` ({dotted state-dict key: tensor}) under those keys."""
     import torch
 
     root = torch.nn.Module()
     for key, w in weights.items():
-        *path, leaf = key.split(".")
-        node = root
-        for part in path:
-            if not hasattr(node, part):
-                node.add_module(part, torch.nn.Module())
-            node = getattr(node, part)
-        node.register_parameter(leaf, torch.nn.Parameter(w, requires_grad=False))
+        place(root, key, w)
     return root
 
 
@@ -168,12 +179,6 @@ def build_model(mods: dict):
     ops = comfy.ops.manual_cast
     root = torch.nn.Module()
     for key, shape in mods.values():
-        *parents, leaf = key[: -len(".weight")].split(".")
-        node = root
-        for part in parents:
-            if not hasattr(node, part):
-                node.add_module(part, torch.nn.Module())
-            node = getattr(node, part)
         if len(shape) == 2:
             layer = ops.Linear(shape[1], shape[0], bias=False, dtype=torch.float16)
         else:
@@ -181,7 +186,7 @@ def build_model(mods: dict):
                                dtype=torch.float16)
         layer.weight = torch.nn.Parameter(torch.empty(shape, dtype=torch.float16).normal_(
             0, 0.02, generator=g), requires_grad=False)
-        node.add_module(leaf, layer)
+        place(root, key[: -len(".weight")], layer)
     dev = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(root, load_device=dev, offload_device=dev)
 

@@ -37,6 +37,8 @@ from test_loaders_common import (
     write_adapter,
 )
 
+from bench.bench_apply import place
+
 TOL = 1e-2
 EXACT = 1e-5  # layer level, against the references' ΔW (float32 noise is ~1e-7)
 
@@ -97,13 +99,7 @@ def _golden_layer(case_key: str, shape: tuple[int, ...], w0: torch.Tensor):
         layer.bias = torch.nn.Parameter(0.1 * torch.randn(shape[0], generator=torch.Generator()
                                                            .manual_seed(1)), requires_grad=False)
     root = torch.nn.Module()
-    node = root
-    *parents, leaf = path.split(".")
-    for part in parents:
-        if not hasattr(node, part):
-            node.add_module(part, torch.nn.Module())
-        node = getattr(node, part)
-    node.add_module(leaf, layer)
+    place(root, path, layer)
     dev = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(root, load_device=dev, offload_device=dev), layer
 
@@ -643,3 +639,34 @@ def lc_save(tensors, path):
 
     if not path.exists():
         lc.save_safetensors(tensors, path)
+
+
+def test_anima_qwen3_text_encoder_in_bypass(host):
+    """Anima's Qwen3 text encoder (ComfyUI's own Qwen3 classes, `lora_te_` names) in bypass mode:
+    the conditioning equals patch mode's to TOL; the CLIP's weights are never written."""
+    from test_loaders_anima_te import _te_name
+
+    patching = patching_of(host)
+    models = _models()
+    clip = models.anima_clip(0)
+    sd = clip.cond_stage_model.state_dict()
+    keys = {k: tuple(v.shape) for k, v in sd.items()
+            if ".layers." in k and k.endswith(("q_proj.weight", "down_proj.weight", "gate_proj.weight"))}
+    assert keys
+    tensors, _ = make_adapter(keys, "lokr", seed=13, module_names=_te_name)
+    path = _loras_path(host, write_adapter(host, "bypass_qwen3_lokr.safetensors", tensors, "lokr"))
+    before = {k: sd[k].clone() for k in keys}
+
+    def encode(c):
+        return c.encode_from_tokens(c.tokenize("a cat on a mat"))
+
+    conds = {"base": encode(clip)}
+    for mode in ("patch", "bypass"):
+        _, new_clip, result = patching.apply_adapter(None, clip, path, 0.0, 0.8, mode=mode)
+        assert result.summary["matched_by_component"] == {"qwen3_06b": len(keys)}
+        conds[mode] = encode(new_clip)
+        if mode == "bypass":
+            assert new_clip.patcher.patches == {} and len(result.bypassed) == len(keys)
+    assert ratio(conds["base"], conds["patch"], conds["bypass"]) < TOL
+    after = clip.cond_stage_model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
