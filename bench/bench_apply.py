@@ -22,7 +22,8 @@ way a sampler loads it, `comfy.model_management.load_models_gpu` (full load, CPU
 ComfyUI's LoraLoader path, our loader in patch mode (both keep a backup of every patched weight
 while loaded) and our loader in bypass mode (forward hooks; no weight written, no backup). Load
 time = from the file on disk to the model loaded; peak extra RSS over the same span, and the
-bypass figure against the goal "adapter file + 64 MiB". A probe of layers is run on random
+bypass figure against the goal "adapter file + 64 MiB" — also measured in a fresh process
+(`fresh_bypass`), where no memory freed by another contestant can be reused. A probe of layers is run on random
 activations in each state and compared with W0 + ΔW in float64 (error relative to the adapter's
 effect; the patch paths round W0 + ΔW to fp16, bypass never rounds the weight).
 Prints a table and writes JSON to bench/results/.
@@ -249,6 +250,15 @@ def run(quick: bool, repeat: int) -> dict:
     patching = host.pack.nodes.patching
     import lycoris_core as lc
 
+    from .common import child_peak_rss
+
+    fresh = {}  # before this process holds the model: two copies might not fit
+    for algo in ("lokr", "loha"):
+        fresh[algo] = child_peak_rss("bench.bench_apply:fresh_bypass", {"algo": algo, "quick": quick},
+                                     timeout=1800)["result"]
+        print(f"  fresh process, {algo} bypass: load {fresh[algo]['load_s']:.2f}s, peak extra "
+              f"{fresh[algo]['peak_extra_bytes'] / 2**20:.0f} MiB (file "
+              f"{fresh[algo]['file_bytes'] / 2**20:.0f} MiB)", flush=True)
     torch.set_grad_enabled(False)
     mods = targets(quick)
     t0 = time.perf_counter()
@@ -315,7 +325,7 @@ def run(quick: bool, repeat: int) -> dict:
             "max_abs_diff_patched_weights_fp16": diff,
         })
         paths[algo] = path
-    real = run_real_load(patching, patcher, paths, mods, max(2, repeat))
+    real = run_real_load(patching, patcher, paths, mods, max(2, repeat), fresh)
     return {"quick": quick, "repeat": repeat, "torch_threads": torch.get_num_threads(),
             "results": rows, "real_load": real}
 
@@ -392,7 +402,38 @@ def real_load(patching, patcher, path: str, mods: dict, who: str, probe: list[st
             "backups": backups}, outs
 
 
-def run_real_load(patching, patcher, paths: dict[str, str], mods: dict, repeat: int) -> list[dict]:
+def fresh_bypass(algo: str, quick: bool) -> dict:
+    """In a fresh process (`common.child_peak_rss`): build the model, write the adapter, then load
+    it in bypass mode and for sampling; peak extra RSS over that span. In the interleaved runs the
+    heap can reuse what a previous contestant freed (small factor tensors come from the heap), so
+    this is the figure the goal "file + 64 MiB" is checked with."""
+    import tempfile
+
+    import torch
+
+    import lycoris_core as lc
+
+    from .common import comfy_host
+
+    patching = comfy_host().pack.nodes.patching
+    import comfy.model_management as mm  # importable once the host is booted
+
+    mods = targets(quick)
+    patcher = build_model(mods)
+    path = str(Path(tempfile.mkdtemp(prefix="bench_lyco_fresh_")) / f"{algo}.safetensors")
+    lc.save_safetensors(make_adapter(mods, algo, seed=1), path, {"ss_network_module": f"networks.{algo}"})
+    gc.collect()
+    with torch.inference_mode(), PeakRSS() as mem:
+        t1 = time.perf_counter()
+        m = ours_load(patching, patcher, path, mods, mode="bypass")
+        mm.load_models_gpu([m], force_full_load=True)
+        t2 = time.perf_counter()
+    return {"peak_extra_bytes": mem.extra, "load_s": t2 - t1, "file_bytes": os.path.getsize(path),
+            "backups": len(m.backup)}
+
+
+def run_real_load(patching, patcher, paths: dict[str, str], mods: dict, repeat: int,
+                  fresh: dict[str, dict] | None = None) -> list[dict]:
     """The "real load" part for each adapter file: comfy / patch / bypass, interleaved with the
     order rotating per round; best (min) time and peak per contestant, and their ratios."""
     probe = [k for k, _ in list(mods.values())[:: max(1, len(mods) // 6)]]
@@ -420,11 +461,15 @@ def run_real_load(patching, patcher, paths: dict[str, str], mods: dict, repeat: 
                              / max(1e-30, float((exact[k] - base[k]).abs().max()))
                              for k in probe)
         file_bytes = os.path.getsize(path)
+        fresh_peak = (fresh or {}).get(algo, {}).get("peak_extra_bytes")
+        goal_peak = max(best["bypass"]["peak_extra_bytes"], fresh_peak or 0)
         rows.append({
             "algo": algo, "modules": len(mods), "rank": RANK, "runs": stats, "best": best,
             "file_bytes": file_bytes,
             "bypass_goal_bytes": file_bytes + BYPASS_GOAL_EXTRA,
-            "bypass_meets_goal": best["bypass"]["peak_extra_bytes"] <= file_bytes + BYPASS_GOAL_EXTRA,
+            "bypass_fresh_process": (fresh or {}).get(algo),
+            "bypass_goal_peak_bytes": goal_peak,
+            "bypass_meets_goal": goal_peak <= file_bytes + BYPASS_GOAL_EXTRA,
             "time_bypass_over_patch": best["bypass"]["load_s"] / best["patch"]["load_s"],
             "time_bypass_over_comfy": best["bypass"]["load_s"] / best["comfy"]["load_s"],
             "time_patch_over_comfy": best["patch"]["load_s"] / best["comfy"]["load_s"],
@@ -444,14 +489,16 @@ def print_real_table(rows: list[dict]) -> None:
     print()
     print("real load (load_models_gpu, full): time s / peak extra MiB")
     print(f"{'algo':5} {'modules':>7} {'comfy':>14} {'patch':>14} {'bypass':>14} "
-          f"{'byp/patch t':>11} {'byp/comfy t':>11} {'byp/patch mem':>13} {'file':>8} {'goal':>5}")
+          f"{'byp/patch t':>11} {'byp/comfy t':>11} {'byp/patch mem':>13} {'file':>8} "
+          f"{'fresh':>9} {'goal':>5}")
     for r in rows:
         b = r["best"]
         cell = lambda w, b=b: f"{b[w]['load_s']:.2f}/{b[w]['peak_extra_bytes'] / mib:.0f}"  # noqa: E731
         print(f"{r['algo']:5} {r['modules']:>7} {cell('comfy'):>14} {cell('patch'):>14} "
               f"{cell('bypass'):>14} {r['time_bypass_over_patch']:>11.3f} "
               f"{r['time_bypass_over_comfy']:>11.3f} {r['peak_bypass_over_patch']:>13.4f} "
-              f"{r['file_bytes'] / mib:>4.0f} MiB {'ok' if r['bypass_meets_goal'] else 'MISS':>5}")
+              f"{r['file_bytes'] / mib:>4.0f} MiB {r['bypass_goal_peak_bytes'] / mib:>5.0f} MiB "
+              f"{'ok' if r['bypass_meets_goal'] else 'MISS':>5}")
         print("      probe error vs exact W0 + ΔW (of the effect): " + ", ".join(
             f"{w} {e:.1e}" for w, e in r["probe_error_vs_exact"].items()))
 
