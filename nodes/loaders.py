@@ -24,6 +24,7 @@ BLOCK_TOOLTIP = (
     "IN5, IN7, IN8, MID, OUT0-5) or Anima 30 (TE, B0-27, LLM)."
 )
 MODE_TOOLTIP = (
+    "Optional (default patch; prompts and workflows saved without it keep patch mode). "
     "patch: ΔW is added into the weights when ComfyUI loads the model (ComfyUI keeps a backup "
     "copy of every adapted weight; a strength change patches again). bypass: the adapter runs "
     "beside each layer at forward time, y = f(x) + strength·ΔW x, without forming ΔW: base "
@@ -107,7 +108,8 @@ def _schema(node_id: str, display: str, accepts: str) -> io.Schema:
             io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01,
                            tooltip="Multiplier of ΔW on the text encoder(s); 0 leaves CLIP unchanged."),
             io.String.Input("block_weights", default="", tooltip=BLOCK_TOOLTIP),
-            io.Combo.Input("mode", options=list(MODES), default="patch", tooltip=MODE_TOOLTIP),
+            io.Combo.Input("mode", options=list(MODES), default="patch", optional=True,
+                           tooltip=MODE_TOOLTIP),
             io.Clip.Input("clip", optional=True,
                           tooltip="Optional text encoder(s) to patch (CLIP-L + CLIP-G, or Qwen3)."),
         ],

@@ -80,7 +80,7 @@ class LyCORISStrengthSchedule(io.ComfyNode):
                                          "(fastest). Off: rebuild ΔW whenever the strength changes "
                                          "and keep the base copy on the offload device (less "
                                          "memory, slower)."),
-                io.Combo.Input("mode", options=list(MODES), default="patch",
+                io.Combo.Input("mode", options=list(MODES), default="patch", optional=True,
                                tooltip=MODE_TOOLTIP + " With a schedule, bypass reads the "
                                        "strength at each forward: nothing is written when it "
                                        "changes (cache_delta does not apply)."),

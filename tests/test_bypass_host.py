@@ -583,6 +583,9 @@ def test_bypass_report_and_strength_zero(host, executor, tiny):
     n = len(tiny["some"])  # UNet and CLIP
     assert f"mode: bypass ({n} weights applied at forward time, base weights untouched)" in report
     assert res.ui["2"]["text"][0] == report
+    # an API prompt without `mode` (saved before it existed) validates and patches, as before
+    res, _ = run_recorded(executor, sampler_graph("tiny_sdxl", "LoadLoKr", tiny["files"]["lokr"], 0.5))
+    assert "mode: patch" in res.outputs("2")[2] and res.outputs("2")[0].patches
 
 
 def test_examples_of_fallback_geometry(host):
