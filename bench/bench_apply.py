@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.bench_apply [--quick] [--repeat N]
 
-Base: the 788 UNet weights sd-scripts targets (fixtures' `sdscripts_targets.json`, shapes checked
+Base: the 788 UNet weights sd-scripts targets (`tests/fixtures/sdscripts_targets.json.gz`, shapes checked
 against `lycoris_core.manifest('sdxl')`), float16, random. Adapters: LoKr and LoHa, rank 16, on
 all of them (LoKr follows sd-scripts' full-matrix rule). Both paths start from the file on disk:
 
@@ -43,7 +43,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURES = Path(os.environ.get("LYCORIS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
 RESULTS = ROOT / "bench" / "results"
 RANK = 16
 
@@ -95,7 +94,9 @@ def targets(quick: bool) -> dict[str, tuple[str, tuple[int, ...]]]:
     """{sd-scripts module name: (ComfyUI key, weight shape)} of the 788 UNet targets."""
     import lycoris_core as lc
 
-    data = json.loads((FIXTURES / "sdscripts_targets.json").read_text())["sdxl"]["modules"]
+    from .common import sdscripts_targets
+
+    data = sdscripts_targets("sdxl")
     manifest = lc.manifest("sdxl")
     out = {}
     for name, m in data.items():

@@ -2,7 +2,7 @@
 a plain safetensors read + write of the same bytes.
 
 The input is a full-size SDXL LoHa in sd-scripts naming (every module sd-scripts creates by
-default with conv_dim, from the fixtures' `sdscripts_targets.json`), random fp16 factors.
+default with conv_dim, from `tests/fixtures/sdscripts_targets.json.gz`), random fp16 factors.
 References, interleaved with the pack in the same rounds:
 - `st read+write`        `safetensors.torch.load_file` + `save_file` (no fsync)
 - `st read+write+fsync`  the same plus `os.fsync` — the durability `save_safetensors` gives, so
@@ -26,19 +26,9 @@ from safetensors.torch import load_file, save_file
 from lycoris_core.convert import convert_file
 from lycoris_core.safetensors_io import save_safetensors
 
-from .common import ROOT, interleaved, row
+from .common import interleaved, row, sdscripts_targets
 
 BENCH = "conversion (ms per file)"
-
-
-def fixtures_dir() -> Path:
-    return Path(os.environ.get("LYCORIS_FIXTURES", ROOT.parent / "shared" / "fixtures"))
-
-
-def sdxl_targets() -> dict[str, dict]:
-    """sd-scripts' default SDXL module list (name → {weight_shape, kind, comfyui_key, …})."""
-    data = json.loads((fixtures_dir() / "sdscripts_targets.json").read_text())
-    return data["sdxl"]["modules"]
 
 
 def loha_file_tensors(modules: dict[str, dict], rank: int = 8, seed: int = 0,
@@ -58,7 +48,7 @@ def loha_file_tensors(modules: dict[str, dict], rank: int = 8, seed: int = 0,
 
 def write_input(folder: Path, limit: int | None, hashes: bool) -> tuple[Path, int]:
     """The sd-scripts-named input file and its size in bytes."""
-    modules = dict(list(sdxl_targets().items())[:limit])
+    modules = dict(list(sdscripts_targets("sdxl").items())[:limit])
     meta = {"ss_network_module": "networks.loha", "ss_network_dim": "8", "ss_network_alpha": "4",
             "ss_network_args": json.dumps({"conv_dim": "8", "conv_alpha": "4"})}
     if hashes:  # sd-scripts writes these on every save; the converter recomputes them
@@ -114,7 +104,7 @@ def run(limit: int | None = None, repeats: int = 5, target_s: float = 0.0,
             st = interleaved(_contestants(src, outs), repeats=repeats, target_s=target_s)
             ms = {k: v.median * 1e3 for k, v in st.items()}
             mb_s = {k: size / 1e6 / (v / 1e3) for k, v in ms.items()}
-            case = (f"SDXL LoHa r8, {len(sdxl_targets()) if limit is None else limit} modules, "
+            case = (f"SDXL LoHa r8, {len(sdscripts_targets('sdxl')) if limit is None else limit} modules, "
                     f"{size / 1e6:.0f} MB, {'sshs hashes recomputed' if hashed else 'no hash fields'}")
             rows.append(row(BENCH, case, ms["pack"],
                             {"st read+write": ms["st read+write"],

@@ -262,7 +262,7 @@ def run(case_list: list[Case], *, repeats: int = 25, target_s: float = 0.01,
 
     The bound of each case comes from a `copy` contestant timed in the same rounds: `dst.copy_(src)`
     of touched float32 buffers of `bandwidth["buffer_bytes"]` (at most 64 MiB: twice the L3 cache
-    of the machine the README quotes), i.e. this round's copy bandwidth, so pack/bound is a paired
+    of the machine bench/README.md quotes), i.e. this round's copy bandwidth, so pack/bound is a paired
     per-round ratio like the others. `bandwidth` (the separately measured 256 MiB copy) is kept in
     the result for reference.
     """

@@ -21,6 +21,7 @@ cannot beat (N + M) / that bandwidth.
 from __future__ import annotations
 
 import gc
+import gzip
 import importlib
 import json
 import logging
@@ -39,6 +40,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
 RESULTS_DIR = ROOT / "bench" / "results"
 
 
@@ -65,6 +67,13 @@ class Stats:
 CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 """`wall`: elapsed time. `cpu`: CPU seconds of this process (all its threads): on a machine
 shared with other jobs this is what the work itself costs, unaffected by waiting for a core."""
+
+
+def sdscripts_targets(arch: str) -> dict[str, dict]:
+    """sd-scripts' default LoHa/LoKr module list for `arch` ('sdxl' with conv_dim, 'anima'):
+    {lora_name: {module, kind, weight_shape, comfyui_key}}, from the test fixtures."""
+    with gzip.open(FIXTURES / "sdscripts_targets.json.gz", "rt", encoding="utf-8") as fh:
+        return json.load(fh)[arch]["modules"]
 
 
 def default_clock() -> str:
@@ -247,12 +256,37 @@ def _child_main(target: str, kwargs_json: str) -> None:
 _COMFY_BASE: list[Path] = []
 
 
+def select_host() -> str:
+    """The ComfyUI tree the benches boot, also for their child processes (exported as
+    $LYCORIS_COMFYUI_DIR): $LYCORIS_COMFYUI_DIR if set, else the host whose venv runs this
+    Python (`.cache/hosts.env` of scripts/bootstrap.sh: `.venv` → 0.3.75, `.venv-host2` →
+    current ComfyUI), else tests/comfy_host's default (0.3.75)."""
+    chosen = os.environ.get("LYCORIS_COMFYUI_DIR")
+    env_file = ROOT / ".cache" / "hosts.env"
+    if not chosen and env_file.is_file():
+        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                      if "=" in line and not line.startswith("#"))
+        here = Path(sys.prefix).resolve()
+        for n in ("1", "2"):
+            py, tree = values.get(f"HOST{n}_PY", "").strip(), values.get(f"HOST{n}_DIR", "").strip()
+            if py and tree and Path(py).parent.parent.resolve() == here:
+                # the file holds the paths of the checkout that last bootstrapped: the same
+                # tree under this checkout's .cache when it is there (worktrees share one)
+                local = ROOT / ".cache" / Path(tree).name
+                chosen = str(local) if local.is_dir() else tree
+    if chosen:
+        os.environ["LYCORIS_COMFYUI_DIR"] = chosen
+    return chosen or str(ROOT / ".cache" / "comfyui-0.3.75")
+
+
 def comfy_host():
-    """The real ComfyUI 0.3.75 (tests/comfy_host.py), booted once per process in a temp dir."""
+    """The real ComfyUI of `select_host()` (tests/comfy_host.py: 0.3.75 or current), booted
+    once per process in a temp dir."""
     import atexit
     import shutil
     import tempfile
 
+    select_host()
     if str(ROOT / "tests") not in sys.path:
         sys.path.insert(0, str(ROOT / "tests"))
     import comfy_host as host_mod

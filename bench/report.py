@@ -1,4 +1,4 @@
-"""The README's ΔW table from a results JSON (`python -m bench.report [bench/results/latest.json]`).
+"""The ΔW table of bench/README.md from a results JSON (`python -m bench.report [bench/results/latest.json]`).
 
 Prints the run's settings and one Markdown row per ΔW case: median ms of the pack and its
 references, then the paired ratios (ratio < 1: the pack is faster) and the bound ratios.

@@ -48,7 +48,9 @@ TIMEOUT_S = 900
 
 def _train_result(module, quick: bool) -> dict:
     """bench_train's two parts, with the sizes its own `main` uses (its main takes argv)."""
-    return {"lokr_bypass": module.bench_lokr_bypass(tokens=1024 if quick else 4096,
+    return {"paired_steps": module.bench_step_paired(steps=4 if quick else 8, rank=4,
+                                                     rounds=2 if quick else 5),
+            "lokr_bypass": module.bench_lokr_bypass(tokens=1024 if quick else 4096,
                                                     reps=1 if quick else 3),
             "vs_comfyui": module.bench_vs_comfyui(steps=3 if quick else 8, rank=4)}
 
@@ -56,6 +58,19 @@ def _train_result(module, quick: bool) -> dict:
 def _train_rows(result: dict) -> list[dict]:
     """bench_train's result layout → table rows."""
     rows = []
+    paired = result.get("paired_steps") or {}
+    for r in paired.get("rows", []):
+        bench = (f"training step, paired rounds vs ComfyUI TrainLoraNode on the tiny SDXL "
+                 f"({paired['host']}, 1 thread)")
+        note, case = {}, f"{r['algo']} r{r['rank']} on the tiny {r['kind']} — step time"
+        if r["kind"] != "sdxl":
+            note["note"] = f"ComfyUI's trainer on the tiny {r['kind']}: {paired['comfyui_on_anima']}"
+            if str(paired["comfyui_on_anima"]).startswith("fails"):
+                case += " (ComfyUI's trainer fails on Anima: vs its tiny-SDXL step)"
+        rows.append(row(bench, case,
+                        r["lycoris_step_s"], {"comfyui": r["comfyui_sdxl_step_s"]}, "s",
+                        ratios={"pack/comfyui": r["ratio"]},
+                        ratio_quartiles=[r["ratio_q1"], r["ratio_q3"]], **note))
     for r in result.get("vs_comfyui", []):
         case = f"{r['algo']} r{r['rank']} on the tiny SDXL"
         bench = "training step vs ComfyUI TrainLoraNode (child processes, 1 thread)"

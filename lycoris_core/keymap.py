@@ -47,14 +47,32 @@ def detect_architecture(keys: Iterable[str]) -> str:
     return "unknown"
 
 
-def component_of(model_key: str) -> str:
-    """'unet' / 'dit' / 'llm_adapter' for the diffusion model, else the text encoder's name."""
+DIFFUSION_COMPONENT = {"sdxl": "unet", "sd_unet": "unet", "anima": "dit", "cosmos_predict2": "dit"}
+"""The report's name of each architecture's diffusion model (its keys under `diffusion_model.`)."""
+TE_COMPONENT = {"qwen3_06b": "qwen3"}
+"""Text encoders reported under another name than their ComfyUI key head (others keep theirs:
+`clip_l`, `clip_g`, …)."""
+
+
+def component_of(model_key: str, architecture: str | None = None) -> str:
+    """The part of the model a ComfyUI key belongs to, as the load report counts them:
+    'unet' (SDXL UNet), 'dit' (Anima / Cosmos DiT: its blocks and every other DiT layer,
+    x_embedder, t_embedder, t_embedding_norm, final_layer, …), 'llm_adapter' (Anima), 'qwen3'
+    (Anima's text encoder), 'clip_l', 'clip_g' (SDXL), else the text encoder's ComfyUI name.
+
+    `architecture` is the model's (`detect_architecture` of its keys): only it tells a DiT's
+    non-block layers from a UNet's. Without it (or 'unknown') keys under `blocks.` count as DiT,
+    the rest of the diffusion model as UNet."""
     if model_key.startswith("diffusion_model."):
         path = model_key[len("diffusion_model."):]
         if path.startswith("llm_adapter."):
             return "llm_adapter"
+        known = DIFFUSION_COMPONENT.get(architecture or "unknown")
+        if known is not None:
+            return known
         return "dit" if path.startswith("blocks.") else "unet"
-    return model_key.split(".", 1)[0]
+    head = model_key.split(".", 1)[0]
+    return TE_COMPONENT.get(head, head)
 
 
 _BLOCK_RE = re.compile(r"^diffusion_model\.(input_blocks\.\d+|output_blocks\.\d+|middle_block"
@@ -80,11 +98,13 @@ class Resolution:
     matched: dict[str, str] = field(default_factory=dict)      # module name → model key
     unmatched: list[str] = field(default_factory=list)
     ambiguous: dict[str, list[str]] = field(default_factory=dict)
+    architecture: str = "unknown"                               # of the model resolved against
 
     def by_component(self) -> dict[str, int]:
+        """Matched modules per model part (`component_of` with the model's architecture)."""
         out: dict[str, int] = defaultdict(int)
         for key in self.matched.values():
-            out[component_of(key)] += 1
+            out[component_of(key, self.architecture)] += 1
         return dict(out)
 
 
@@ -147,7 +167,7 @@ class KeyMap:
         return sorted(self._index.get(module_name, ()))
 
     def resolve_all(self, module_names: Iterable[str]) -> Resolution:
-        res = Resolution()
+        res = Resolution(architecture=self.architecture)
         for name in module_names:
             hits = self._index.get(name)
             if not hits:

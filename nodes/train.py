@@ -31,6 +31,7 @@ from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_
 from .outputs import output_file
 from .patching import apply_adapter
 from .train_data import CaptionEncoder, Objective, training_items
+from .train_ops import differentiable_ops
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -238,7 +239,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
             ckpt.save_checkpoint(trainer, path, arch, save_dtype, extra)
         net.attach(named)
         try:
-            with gradient_checkpointing(_blocks(dm), o["gradient_checkpointing"]):
+            with differentiable_ops(), gradient_checkpointing(_blocks(dm), o["gradient_checkpointing"]):
                 finished = trainer.run(
                     on_step=_progress(node_id, cfg.steps), should_stop=mm.processing_interrupted,
                     on_save=lambda s: save(Path(f"{base}step{s:06d}.safetensors")))

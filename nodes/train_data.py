@@ -134,11 +134,31 @@ class Objective:
         return {k: v.process_cond(batch_size=1, device=self.device)
                 for k, v in enc[0]["model_conds"].items()}
 
-    def _kwargs(self, idx: list[int]) -> dict:
+    def _item_conds(self, i: int) -> dict:
+        """Item i's model conditions (re-encoded from its caption when training a CLIP)."""
         if self.encoder is None:
-            items = [self.conds[i] for i in idx]
-        else:
-            items = [self._model_conds(self.encoder(i), self.x0[i]) for i in idx]
+            return self.conds[i]
+        return self._model_conds(self.encoder(i), self.x0[i])
+
+    def _groups(self, idx: list[int]) -> list[tuple[list[int], list[dict]]]:
+        """Items that can run as one batch: same latent shape and conditions ComfyUI can
+        concatenate (`can_concat`, as its sampler batches them). Anima's Qwen3 captions of
+        different token counts give conditions of different lengths: those run separately."""
+        groups: list[tuple[list[int], list[dict]]] = []
+        for i in idx:
+            conds = self._item_conds(i)
+            for members, group_conds in groups:
+                first = group_conds[0]
+                if (self.x0[members[0]].shape == self.x0[i].shape and first.keys() == conds.keys()
+                        and all(first[k].can_concat(conds[k]) for k in first)):
+                    members.append(i)
+                    group_conds.append(conds)
+                    break
+            else:
+                groups.append(([i], [conds]))
+        return groups
+
+    def _kwargs(self, items: list[dict]) -> dict:
         out = {}
         for k, v in items[0].items():
             others = [c[k] for c in items[1:]]
@@ -147,20 +167,22 @@ class Objective:
         return {k: (v.to(self.device).clone() if isinstance(v, torch.Tensor) else v)
                 for k, v in out.items() if v is not None}
 
+    def _autocast(self):
+        device = self.x0[0].device.type
+        if self.dtype == torch.float32:
+            return torch.autocast(device, enabled=False)
+        return torch.autocast(device, dtype=self.dtype)
+
     def __call__(self, idx: list[int]) -> torch.Tensor:
-        groups: dict[tuple, list[int]] = {}
-        for i in idx:
-            groups.setdefault(tuple(self.x0[i].shape), []).append(i)
         total = 0.0
-        for members in groups.values():
+        with self._autocast():  # the text encoders too run in the training dtype
+            groups = self._groups(idx)
+        for members, conds in groups:
             x0 = torch.cat([self.x0[i] for i in members])
             noise = torch.randn(x0.shape).to(self.device)
             sigma = sample_sigmas(self.sampling, len(members), self.min_t, self.max_t)
-            ctx = torch.autocast(x0.device.type, dtype=self.dtype) if self.dtype != torch.float32 \
-                else torch.autocast(x0.device.type, enabled=False)
-            with ctx:
-                kw = self._kwargs(members)
+            with self._autocast():
                 loss = diffusion_loss(self.base.apply_model, self.sampling, x0, noise, sigma,
-                                      transformer_options=self.options, **kw)
+                                      transformer_options=self.options, **self._kwargs(conds))
             total = total + loss * (len(members) / len(idx))
         return total

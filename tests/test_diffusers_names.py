@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import goldens
 
 import lycoris_core as lc
 from lycoris_core.diffusers_unet import ldm_to_diffusers
@@ -19,8 +19,8 @@ def _comfy_map(unet_config: dict) -> dict[str, set[str]]:
     return out
 
 
-def test_full_sdxl_matches_comfyui(host, fixtures_dir):
-    config = json.loads((fixtures_dir / "sdxl_unet.json").read_text())["config"]
+def test_full_sdxl_matches_comfyui(host):
+    config = goldens.read_json("sdxl_unet_config.json")["config"]
     comfy_map = _comfy_map(config)
     man = lc.manifest("sdxl")
     paths = [k[len("diffusion_model."):-len(".weight")] for k in man if k.startswith("diffusion_model.")]

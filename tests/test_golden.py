@@ -1,14 +1,13 @@
 """Golden files written by sd-scripts and lycoris-lora: every module maps to the expected ComfyUI
-key and its ΔW is within 1e-5 (max-abs relative) of the reference's own computation."""
+key and its ΔW is within 1e-5 (max-abs relative) of the expected ΔW: the lycoris-lora oracle's,
+which equals the ΔW the references stored (test_goldens.py)."""
 
 from __future__ import annotations
 
-import json
-
+import goldens
 import pytest
 import torch
-from helpers import golden_cases, rel_err
-from safetensors.torch import load_file
+from helpers import golden_model_weights, rel_err
 
 import lycoris_core as lc
 from lycoris_core.algos import lokr as lokr_algo
@@ -16,39 +15,29 @@ from lycoris_core.algos import lokr as lokr_algo
 TOL = 1e-5
 
 
-def _model_weights(fixtures, case: str) -> dict:
-    """Full-size manifest of the case's architecture, with W0 values where DoRA needs them."""
-    index = json.loads((fixtures / "index.json").read_text())["cases"][case]
-    weights: dict = dict(lc.manifest(index["arch"]))
-    base = fixtures / f"{case}.base.safetensors"
-    if base.exists():
-        weights.update({k: v.float() for k, v in load_file(base).items()})
-    return weights
-
-
 def _check_case(fixtures, case: str) -> float:
     adapter = lc.load_adapter(fixtures / f"{case}.safetensors")
-    expected = load_file(fixtures / f"{case}.expected.safetensors")
-    deltas, unmatched = lc.delta_weights(adapter, _model_weights(fixtures, case))
+    want = goldens.expected(case)
+    deltas, unmatched = lc.delta_weights(adapter, golden_model_weights(case))
     assert unmatched == []
-    assert set(deltas) == set(expected), "module mapped to a different model key"
-    return max(rel_err(deltas[k], expected[k]) for k in expected)
+    assert set(deltas) == set(want), "module mapped to a different model key"
+    return max(rel_err(deltas[k], want[k]) for k in want)
 
 
-def test_visible_cases_present(fixtures_dir):
-    assert len(golden_cases(fixtures_dir)) >= 8
+def test_visible_cases_present():
+    assert len(goldens.cases()) >= 8
 
 
-@pytest.mark.parametrize("case", golden_cases(__import__("conftest").FIXTURES))
+@pytest.mark.parametrize("case", goldens.cases())
 def test_golden_delta(fixtures_dir, case):
     err = _check_case(fixtures_dir, case)
     assert err < TOL, f"{case}: rel error {err:.3g}"
 
 
-@pytest.mark.parametrize("case", golden_cases(__import__("conftest").FIXTURES))
+@pytest.mark.parametrize("case", goldens.cases())
 def test_golden_module_facts(fixtures_dir, case):
     """rank / alpha / scale read from shapes and tensors agree with what the reference recorded."""
-    index = json.loads((fixtures_dir / "index.json").read_text())["cases"][case]
+    index = goldens.index()[case]
     adapter = lc.load_adapter(fixtures_dir / f"{case}.safetensors")
     for rec in index["modules"]:
         m = adapter.modules[rec["lora_name"]]

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
+from collections import Counter
 
+import goldens
 import pytest
 import torch
 
 import lycoris_core as lc
 from lycoris_core.keymap import KeyMap, block_of, component_of, detect_architecture
+from lycoris_core.naming import underscored
 
 
 @pytest.fixture(scope="module")
-def targets(fixtures_dir):
-    return json.loads((fixtures_dir / "sdscripts_targets.json").read_text())
+def targets():
+    return goldens.sdscripts_targets()
 
 
 @pytest.mark.parametrize("arch, n", [("sdxl", 1052), ("anima", 536)])
@@ -32,7 +34,7 @@ def test_every_sdscripts_target_resolves(targets, arch, n):
 def test_component_counts(targets):
     km = KeyMap(lc.manifest("anima"))
     res = km.resolve_all(targets["anima"]["modules"])
-    assert res.by_component() == {"dit": 280, "llm_adapter": 60, "qwen3_06b": 196}
+    assert res.by_component() == {"dit": 280, "llm_adapter": 60, "qwen3": 196}
     km = KeyMap(lc.manifest("sdxl"))
     res = km.resolve_all(targets["sdxl"]["modules"])
     assert res.by_component() == {"unet": 788, "clip_l": 72, "clip_g": 192}
@@ -55,6 +57,62 @@ def test_comfyui_and_lycoris_spellings():
         "clip_g.transformer.text_model.encoder.layers.31.mlp.fc2.weight"
     assert sd.resolve("lora_te1_text_model_encoder_layers_0_self_attn_out_proj") == \
         "clip_l.transformer.text_model.encoder.layers.0.self_attn.out_proj.weight"
+
+
+DIT_NON_BLOCK = ("x_embedder", "t_embedder", "t_embedding_norm", "final_layer")
+SDXL_NON_BLOCK = ("time_embed", "label_emb", "out")
+
+
+def _every_weight_module(man: dict) -> list[str]:
+    """One sd-scripts module name per matrix weight of a manifest (UNet/DiT and text encoders)."""
+    km = KeyMap(man)
+    names = []
+    for key, shape in man.items():
+        if key.endswith(".weight") and len(shape) >= 2 and key.startswith("diffusion_model."):
+            names.append("lora_unet_" + underscored(key[len("diffusion_model."):-len(".weight")]))
+        elif key.endswith(".weight") and len(shape) >= 2:
+            names.append("text_encoders." + key[:-len(".weight")])
+    assert all(km.resolve(n) for n in names)
+    return names
+
+
+@pytest.mark.parametrize("arch, parts", [
+    ("anima", {"dit", "llm_adapter", "qwen3"}),
+    ("sdxl", {"unet", "clip_l", "clip_g"}),
+])
+def test_components_of_every_full_size_layer(arch, parts):
+    """A file patching every matrix weight of the full-size model: the report's parts are the
+    architecture's. Anima's DiT layers outside the blocks (x_embedder, t_embedder,
+    t_embedding_norm, final_layer) count as `dit`, SDXL's (time_embed, label_emb, out) as
+    `unet`; Anima's text encoder is `qwen3`."""
+    man = lc.manifest(arch)
+    km = KeyMap(man)
+    assert km.architecture == arch
+    res = km.resolve_all(_every_weight_module(man))
+    counts = res.by_component()
+    assert set(counts) == parts
+    by_key = Counter(component_of(k, arch) for k in res.matched.values())
+    assert by_key == Counter(counts)
+    diffusion = "dit" if arch == "anima" else "unet"
+    assert counts[diffusion] == sum(k.startswith("diffusion_model.")
+                                    and not k.startswith("diffusion_model.llm_adapter.")
+                                    for k in res.matched.values())
+    for part in DIT_NON_BLOCK if arch == "anima" else SDXL_NON_BLOCK:
+        keys = [k for k in man if k.startswith(f"diffusion_model.{part}.")]
+        assert keys and {component_of(k, arch) for k in keys} == {diffusion}, part
+
+
+def test_component_needs_the_architecture_for_non_block_layers():
+    """The same key spelling says nothing about the model: a DiT's `final_layer` is `dit` on
+    Anima and on the bare Cosmos DiT; without an architecture only `blocks.` marks a DiT."""
+    key = "diffusion_model.final_layer.linear.weight"
+    assert component_of(key, "anima") == component_of(key, "cosmos_predict2") == "dit"
+    assert component_of("diffusion_model.out.2.weight", "sdxl") == "unet"
+    assert component_of("diffusion_model.blocks.3.mlp.layer1.weight") == "dit"
+    assert component_of(key) == component_of(key, "unknown") == "unet"
+    assert component_of("diffusion_model.llm_adapter.embed.weight", "anima") == "llm_adapter"
+    assert component_of("qwen3_06b.transformer.model.layers.0.mlp.up_proj.weight", "anima") == "qwen3"
+    assert component_of("clip_g.transformer.text_model.final_layer_norm.weight", "sdxl") == "clip_g"
 
 
 def test_ambiguous_names_are_reported_not_guessed():

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
@@ -27,7 +28,7 @@ def base_run(host, fixtures_dir):
     import comfy_host
 
     keys = sorted({k for _, case in CASES
-                   for k in load_file(fixtures_dir / f"{case}.expected.safetensors")})
+                   for k in goldens.expected(case)})
     graph = sampler_graph("golden_sdxl", None, record=",".join(keys))
     res, records = run_recorded(comfy_host.Executor(host), graph)
     return res.outputs("6")[0]["samples"].clone(), records
@@ -42,7 +43,7 @@ def test_sampler_uses_base_plus_strength_delta(host, executor, fixtures_dir, bas
     graph = sampler_graph("golden_sdxl", None, record="")
     model, clip, want = ["1", 0], ["1", 1], {}
     for n, ((loader, case), s) in enumerate(zip(CASES, STRENGTHS, strict=True)):
-        expected = load_file(fixtures_dir / f"{case}.expected.safetensors")
+        expected = goldens.expected(case)
         want.update({k: s * v.double() for k, v in expected.items()})
         node = f"2{n}"
         graph[node] = {"class_type": loader, "inputs": {
@@ -65,7 +66,7 @@ def test_sampler_uses_base_plus_strength_delta(host, executor, fixtures_dir, bas
 
 def test_strength_zero_reproduces_base_exactly(host, executor, fixtures_dir, base_run):
     case = "lokr_linear_default_factor"
-    expected = load_file(fixtures_dir / f"{case}.expected.safetensors")
+    expected = goldens.expected(case)
     name = install_golden(host, fixtures_dir, case)
     graph = sampler_graph("golden_sdxl", "LoadLoKr", name, strength_model=0.0,
                           record=",".join(expected))
@@ -84,7 +85,7 @@ def test_dora_uses_norm_of_patched_weight(host, executor, fixtures_dir):
     from test_loaders_common import loaded_weights
 
     case = "lyco_loha_dora"
-    expected = load_file(fixtures_dir / f"{case}.expected.safetensors")
+    expected = goldens.expected(case)
     w0 = {k: v.float() for k, v in load_file(fixtures_dir / f"{case}.base.safetensors").items()}
     name = install_golden(host, fixtures_dir, case)
     results = {}

@@ -4,10 +4,10 @@ equal the whole ΔW, and the Anima llm_adapter golden file (not patchable on 0.3
 
 from __future__ import annotations
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
-from safetensors.torch import load_file
 
 import lycoris_core as lc
 
@@ -27,7 +27,7 @@ def test_llm_adapter_golden_through_comfy_calculate_weight(patching, fixtures_di
     import comfy.lora
 
     case = "anima_lokr_llm_adapter"
-    expected = load_file(fixtures_dir / f"{case}.expected.safetensors")
+    expected = goldens.expected(case)
     adapter = lc.load_adapter(fixtures_dir / f"{case}.safetensors")
     keymap = lc.KeyMap(lc.manifest("anima"))
     res = adapter.resolve(keymap)
@@ -42,7 +42,7 @@ def test_llm_adapter_golden_through_comfy_calculate_weight(patching, fixtures_di
 @pytest.mark.parametrize("case", ["loha_linear", "loha_conv_tucker", "lokr_full_w2",
                                   "lyco_lokr_decompose_both", "lokr_linear_default_factor"])
 def test_row_blocks_equal_whole_delta(patching, fixtures_dir, case):
-    expected = load_file(fixtures_dir / f"{case}.expected.safetensors")
+    expected = goldens.expected(case)
     adapter = lc.load_adapter(fixtures_dir / f"{case}.safetensors")
     (name, key), = adapter.resolve(lc.KeyMap(lc.manifest("sdxl"))).matched.items()
     shape = tuple(expected[key].shape)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
@@ -21,9 +22,6 @@ LOHA_KEY = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.wei
 LOKR_KEY = "diffusion_model.output_blocks.3.1.transformer_blocks.1.attn2.to_q.weight"
 LOHA_NAME = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 
-
-def _expected(fixtures, case) -> dict[str, torch.Tensor]:
-    return load_file(fixtures / f"{case}.expected.safetensors")
 
 
 def _deltas_of(result) -> dict[str, torch.Tensor]:
@@ -56,8 +54,8 @@ def test_two_golden_files_full_rank_exact(fixtures_dir, pair):
     loha, lokr = pair
     result = merge_adapters([(loha, 0.7), (lokr, -1.3)], FactorSpec("lora", rank=96))
     got = _deltas_of(result)
-    want = {LOHA_KEY: 0.7 * _expected(fixtures_dir, "loha_linear")[LOHA_KEY],
-            LOKR_KEY: -1.3 * _expected(fixtures_dir, "lokr_linear_default_factor")[LOKR_KEY]}
+    want = {LOHA_KEY: 0.7 * goldens.expected("loha_linear")[LOHA_KEY],
+            LOKR_KEY: -1.3 * goldens.expected("lokr_linear_default_factor")[LOKR_KEY]}
     assert set(got) == set(want)
     for k in want:
         assert rel_err(got[k], want[k]) < EXACT, k
@@ -71,8 +69,8 @@ def test_two_adapters_same_key_sum(fixtures_dir, pair):
     and exact once the rank reaches the sum's rank (16 + 80)."""
     loha, lokr = pair
     lokr_here = _renamed(lokr, LOHA_NAME)
-    want = (0.5 * _expected(fixtures_dir, "loha_linear")[LOHA_KEY]
-            + 2.0 * _expected(fixtures_dir, "lokr_linear_default_factor")[LOKR_KEY])
+    want = (0.5 * goldens.expected("loha_linear")[LOHA_KEY]
+            + 2.0 * goldens.expected("lokr_linear_default_factor")[LOKR_KEY])
     exact = merge_adapters([(loha, 0.5), (lokr_here, 2.0)], FactorSpec("lora", rank=96))
     assert len(exact.modules) == 1
     assert rel_err(_deltas_of(exact)[LOHA_KEY], want) < EXACT
@@ -91,7 +89,7 @@ def test_spellings_of_one_layer_are_grouped(fixtures_dir, pair):
     twin = _renamed(loha, "lycoris_" + LOHA_NAME[len("lora_unet_"):])
     result = merge_adapters([(loha, 1.0), (twin, 1.0)], FactorSpec("lora", rank=16))
     assert [m.name for m in result.modules] == [LOHA_NAME]
-    want = 2.0 * _expected(fixtures_dir, "loha_linear")[LOHA_KEY]
+    want = 2.0 * goldens.expected("loha_linear")[LOHA_KEY]
     assert rel_err(_deltas_of(result)[LOHA_KEY], want) < EXACT
 
 
@@ -118,7 +116,7 @@ def test_lokr_output_resizes_lokr_exactly(fixtures_dir):
     assert result.tensors[f"{name}.lokr_w1"].shape == (20, 20)
     assert result.tensors[f"{name}.lokr_w2_a"].shape == (32, 4)
     assert result.tensors[f"{name}.lokr_w2_b"].shape == (4, 32)
-    want = _expected(fixtures_dir, "lokr_linear_default_factor")[LOKR_KEY]
+    want = goldens.expected("lokr_linear_default_factor")[LOKR_KEY]
     assert rel_err(_deltas_of(result)[LOKR_KEY], want) < EXACT
 
 
@@ -126,8 +124,8 @@ def test_lokr_output_of_a_sum_reports_its_error(fixtures_dir, pair):
     """LoHa + LoKr on one key is not one Kronecker product: the error is large and reported."""
     loha, lokr = pair
     result = merge_adapters([(loha, 1.0), (_renamed(lokr, LOHA_NAME), 1.0)], FactorSpec("lokr", rank=32))
-    want = (_expected(fixtures_dir, "loha_linear")[LOHA_KEY]
-            + _expected(fixtures_dir, "lokr_linear_default_factor")[LOKR_KEY])
+    want = (goldens.expected("loha_linear")[LOHA_KEY]
+            + goldens.expected("lokr_linear_default_factor")[LOKR_KEY])
     actual = _fro(_deltas_of(result)[LOHA_KEY], want)
     assert actual == pytest.approx(result.modules[0].error, rel=1e-4)
     assert result.modules[0].kron_energy < 1.0
@@ -153,14 +151,14 @@ def test_conv_tucker_to_lora_full_rank(fixtures_dir):
     name = result.modules[0].name
     assert result.tensors[f"{name}.lora_down.weight"].shape == (16, 320, 3, 3)
     assert result.tensors[f"{name}.lora_up.weight"].shape == (320, 16, 1, 1)
-    assert rel_err(_deltas_of(result)[key], _expected(fixtures_dir, "loha_conv_tucker")[key]) < EXACT
+    assert rel_err(_deltas_of(result)[key], goldens.expected("loha_conv_tucker")[key]) < EXACT
 
 
 def test_conv_to_lokr_keeps_kernel(fixtures_dir):
     src = lc.load_adapter(fixtures_dir / "lyco_lokr_decompose_both.safetensors")
     key = "diffusion_model.input_blocks.4.0.skip_connection.weight"
     result = merge_adapters([(src, 1.0)], FactorSpec("lokr", rank=4))
-    want = _expected(fixtures_dir, "lyco_lokr_decompose_both")[key]
+    want = goldens.expected("lyco_lokr_decompose_both")[key]
     assert rel_err(_deltas_of(result)[key], want) < EXACT
 
 
@@ -172,7 +170,7 @@ def test_dora_needs_model_then_matches(fixtures_dir):
     weights.update({k: v.float() for k, v in load_file(fixtures_dir / "lyco_loha_dora.base.safetensors").items()})
     key = "diffusion_model.output_blocks.6.0.skip_connection.weight"
     result = merge_adapters([(src, 1.0)], FactorSpec("lora", rank=320), weights)
-    assert rel_err(_deltas_of(result)[key], _expected(fixtures_dir, "lyco_loha_dora")[key]) < EXACT
+    assert rel_err(_deltas_of(result)[key], goldens.expected("lyco_loha_dora")[key]) < EXACT
 
 
 def test_metadata_is_honest(tmp_path, pair):
@@ -235,8 +233,8 @@ def test_cli_merge(tmp_path, fixtures_dir, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["overall_error"] < EXACT
     got, _ = lc.delta_weights(lc.load_adapter(out), lc.manifest("sdxl"))
-    assert rel_err(got[LOKR_KEY], _expected(fixtures_dir, "lokr_linear_default_factor")[LOKR_KEY]) < EXACT
-    assert rel_err(got[LOHA_KEY], 0.5 * _expected(fixtures_dir, "loha_linear")[LOHA_KEY]) < EXACT
+    assert rel_err(got[LOKR_KEY], goldens.expected("lokr_linear_default_factor")[LOKR_KEY]) < EXACT
+    assert rel_err(got[LOHA_KEY], 0.5 * goldens.expected("loha_linear")[LOHA_KEY]) < EXACT
     assert cli.main(["merge", str(fixtures_dir / "loha_linear.safetensors"), "--rank", "4",
                         "-o", str(out)]) == 2  # refuses to overwrite
 
@@ -248,7 +246,7 @@ def test_cli_resize_dora_with_model_file(tmp_path, fixtures_dir):
                      "--model", str(fixtures_dir / "lyco_loha_dora.base.safetensors"), "-o", str(out)]) == 0
     key = "diffusion_model.output_blocks.6.0.skip_connection.weight"
     got, _ = lc.delta_weights(lc.load_adapter(out), lc.manifest("sdxl"))
-    assert rel_err(got[key], _expected(fixtures_dir, "lyco_loha_dora")[key]) < EXACT
+    assert rel_err(got[key], goldens.expected("lyco_loha_dora")[key]) < EXACT
     assert cli.main(["resize", str(fixtures_dir / "lyco_loha_dora.safetensors"), "--rank", "8",
                      "-o", str(tmp_path / "no_model.safetensors")]) == 2  # DoRA without a model
 
@@ -274,7 +272,7 @@ def test_lokr_factor_option(fixtures_dir):
     name = result.modules[0].name
     assert result.tensors[f"{name}.lokr_w1"].shape == (8, 8)
     assert result.tensors[f"{name}.lokr_w2_a"].shape == (80, 16)
-    want = _expected(fixtures_dir, "loha_linear")[LOHA_KEY]
+    want = goldens.expected("loha_linear")[LOHA_KEY]
     assert _fro(_deltas_of(result)[LOHA_KEY], want) == pytest.approx(result.modules[0].error, rel=1e-4)
     assert json.loads(result.metadata["ss_network_args"])["factor"] == "8"
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import goldens
 import torch
 from helpers import rel_err
 from safetensors.torch import load_file
@@ -66,9 +67,6 @@ def _core_deltas(path: Path, model) -> dict[str, torch.Tensor]:
     return deltas
 
 
-def _golden(fixtures, case, key):
-    return load_file(fixtures / f"{case}.expected.safetensors")[key]
-
 
 def test_merged_file_loads_in_comfyui_exactly(host, executor, fixtures_dir):
     loha = install_golden(host, fixtures_dir, "loha_linear")
@@ -82,8 +80,8 @@ def test_merged_file_loads_in_comfyui_exactly(host, executor, fixtures_dir):
     assert set(comfy) == set(core) == {LOHA_KEY, LOKR_KEY}
     for key in comfy:
         assert rel_err(comfy[key], core[key]) < 1e-5, key
-    assert rel_err(comfy[LOHA_KEY], 0.7 * _golden(fixtures_dir, "loha_linear", LOHA_KEY)) < 1e-5
-    assert rel_err(comfy[LOKR_KEY], -1.3 * _golden(fixtures_dir, "lokr_linear_default_factor", LOKR_KEY)) < 1e-5
+    assert rel_err(comfy[LOHA_KEY], 0.7 * goldens.expected("loha_linear")[LOHA_KEY]) < 1e-5
+    assert rel_err(comfy[LOKR_KEY], -1.3 * goldens.expected("lokr_linear_default_factor")[LOKR_KEY]) < 1e-5
 
 
 def test_lossy_merge_on_one_key_within_reported_error(host, executor, fixtures_dir):
@@ -97,8 +95,8 @@ def test_lossy_merge_on_one_key_within_reported_error(host, executor, fixtures_d
                              for k in lokr.source.keys()}, moved)
     _, path = _run(executor, _merge_node([(loha, 1.0), (moved.name, 0.5)], rank=8))
     comfy = comfy_deltas(path, _model(executor))[LOHA_KEY]
-    want = (_golden(fixtures_dir, "loha_linear", LOHA_KEY)
-            + 0.5 * _golden(fixtures_dir, "lokr_linear_default_factor", LOKR_KEY))
+    want = (goldens.expected("loha_linear")[LOHA_KEY]
+            + 0.5 * goldens.expected("lokr_linear_default_factor")[LOKR_KEY])
     actual = float(torch.linalg.vector_norm(comfy.double() - want.double()) / torch.linalg.vector_norm(want.double()))
     reported = float(lc.read_metadata(path)["lycoris_merge_error"])
     assert 1e-2 < actual <= reported * (1 + 1e-4) + 1e-6
@@ -116,7 +114,7 @@ def test_resized_files_load_in_comfyui_exactly(host, executor, fixtures_dir):
         model = _model(executor)
         comfy = comfy_deltas(path, model)
         assert rel_err(comfy[key], _core_deltas(path, model)[key]) < 1e-5, case
-        assert rel_err(comfy[key], _golden(fixtures_dir, case, key)) < 1e-5, case
+        assert rel_err(comfy[key], goldens.expected(case)[key]) < 1e-5, case
         meta = lc.read_metadata(path)
         assert meta["lycoris_merge_operation"] == "resize"
         assert meta["ss_network_module"] == f"networks.{fmt}"

@@ -29,8 +29,11 @@ from lycoris_core.paths import is_within, safe_output_path
 
 
 def quick(n: int) -> settings:
-    """Few examples, no deadline (shared CPU), no example database written into the checkout."""
-    return settings(max_examples=n, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
+    """Few examples, no deadline (shared CPU), no example database written into the checkout, and
+    the same examples on every run (derandomize): a verdict must not depend on which inputs a run
+    happened to draw."""
+    return settings(max_examples=n, deadline=None, database=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
 
 
 FAST = quick(30)
@@ -81,7 +84,9 @@ lokr_sides = st.integers(1, 5)
 
 @FAST
 @given(a=lokr_sides, c=lokr_sides, b=lokr_sides, d=lokr_sides, r=ranks, seed=seeds,
-       w2_decomposed=st.booleans(), scale=st.floats(-3, 3, allow_nan=False))
+       w2_decomposed=st.booleans(),
+       # 0 or |scale| ≥ 1e-3: a scale like 5e-324 underflows scale·W1⊗W2 to 0 and the rank with it
+       scale=st.one_of(st.just(0.0), st.floats(1e-3, 3), st.floats(-3, -1e-3)))
 def test_lokr_kron_entrywise_rank_and_bypass(a, c, b, d, r, seed, w2_decomposed, scale):
     w1 = randn(seed, a, c)
     if w2_decomposed:

@@ -9,6 +9,7 @@ and ours both travel with the model clone).
 
 from __future__ import annotations
 
+import goldens
 import pytest
 import torch
 from helpers import rel_err
@@ -193,7 +194,7 @@ def test_write_uses_the_loaders_arithmetic(host, fixtures_dir, case, dtype, cach
     sp, pt = host.pack.nodes.patching.scheduled, host.pack.nodes.patching
     adapter, _ = pt.cached_adapter(str(fixtures_dir / f"{case}.safetensors"))
     (module,) = adapter.modules.values()
-    (key, dw), = load_file(fixtures_dir / f"{case}.expected.safetensors").items()
+    (key, dw), = goldens.expected(case).items()
     base_file = fixtures_dir / f"{case}.base.safetensors"
     w0 = (load_file(base_file)[key] if base_file.exists()
           else 0.02 * torch.randn(dw.shape, generator=torch.Generator().manual_seed(0))).to(dtype)

@@ -3,8 +3,7 @@ saved files vs the pack's loader, LoKr bypass, resume equivalence."""
 
 from __future__ import annotations
 
-import json
-
+import goldens
 import pytest
 import torch
 from torch import nn
@@ -24,18 +23,18 @@ from lycoris_core.train.targets import (
 # --- targets ------------------------------------------------------------------------------
 
 
-def _expected(fixtures_dir, arch):
-    fx = json.loads((fixtures_dir / "sdscripts_targets.json").read_text())
+def _expected(arch):
+    fx = goldens.sdscripts_targets()
     return {n: (v["module"], v["kind"], tuple(v["weight_shape"]), v["comfyui_key"])
             for n, v in fx[arch]["modules"].items()}
 
 
 @pytest.mark.parametrize("arch,opts", [("sdxl", TargetOptions(conv_dim=4)),
                                        ("anima", TargetOptions(train_llm_adapter=True))])
-def test_default_targets_equal_sdscripts(fixtures_dir, arch, opts):
+def test_default_targets_equal_sdscripts(arch, opts):
     got = {t.lora_name: (t.path, t.kind, t.shape, t.model_key)
            for t in targets_from_shapes(manifest(arch), opts, arch)}
-    exp = _expected(fixtures_dir, arch)
+    exp = _expected(arch)
     assert len(got) == len(exp) == {"sdxl": 1052, "anima": 536}[arch]
     assert got == exp
 

@@ -1,5 +1,6 @@
-"""TrainLyCORIS with a CLIP: the text encoders (tiny SDXL CLIP-L + CLIP-G) are trained from
-captions re-encoded at every step, through a real ComfyUI graph."""
+"""TrainLyCORIS with a CLIP: the text encoders (tiny SDXL CLIP-L + CLIP-G; Anima's Qwen3, on
+current ComfyUI with the real Anima DiT and LLM adapter) are trained from captions re-encoded at
+every step, through a real ComfyUI graph."""
 
 from __future__ import annotations
 
@@ -16,10 +17,19 @@ from lycoris_core.train.checkpoint import read_state
 
 pytestmark = pytest.mark.usefixtures("one_thread", "data_node")  # fixtures of test_train_graph
 
-CAPTIONS = "a red cube on a table\na blue sphere in the grass"
+CAPTIONS = ("a red cube on a wooden table beside a window, morning light falling across the "
+            "grain, a small shadow to the left, dust in the air, a ceramic cup and an open notebook "
+            "with handwritten notes, soft focus background of green plants and a white wall\n"
+            "a blue sphere resting in tall wet grass after the rain, droplets on every blade, a "
+            "low evening sun behind distant hills, long shadows, a wooden fence and a red barn far "
+            "away, clouds in orange and violet, birds flying over the field")
+"""Two captions of prompt length. Anima's DiT reads its text through the LLM adapter's output
+padded to 512 tokens, so a short caption's part of the cross-attention (and what training the
+text encoder alone can change) is small on a tiny untrained model; the two captions also have
+different token counts, so they cannot share a batch (`Objective` runs them apart)."""
 
 
-MODELS = {"sdxl": "tiny_sdxl", "dit": "tiny_anima"}  # tiny_anima: tiny DiT + tiny Qwen3 TE
+MODELS = {"sdxl": "tiny_sdxl", "dit": "tiny_anima"}  # tiny_anima: tiny Anima DiT + tiny Qwen3 TE
 TE_MODULES = {"sdxl": {"lora_te1_": 3 * 6, "lora_te2_": 3 * 6},  # 3 layers × q,k,v,out,fc1,fc2
               "dit": {"lora_te_": 2 * 7}}  # 2 layers × q,k,v,o, gate,up,down
 
@@ -67,10 +77,14 @@ def paired_loss(model, clip, kind: str) -> float:
         return sum(float(ob([0, 1])) for _ in range(6)) / 6
 
 
-@pytest.mark.parametrize("kind", ["sdxl", "dit"])
-def test_text_encoders_train_from_captions(executor, kind):
+@pytest.mark.parametrize("kind,algo,extra", [
+    ("sdxl", "loha", {"learning_rate": 0.01, "conv_dim": 4, "conv_alpha": 4.0}),
+    ("dit", "loha", {}),
+    ("dit", "lokr", {}),
+])
+def test_text_encoders_train_from_captions(executor, kind, algo, extra):
     (trained, path, _, trained_clip), (base, base_clip) = run(
-        executor, kind, output_name=f"lycoris/te_{kind}")
+        executor, kind, algorithm=algo, output_name=f"lycoris/te_{kind}_{algo}", **extra)
     ad = load_adapter(path)
     for prefix, count in TE_MODULES[kind].items():
         assert sum(n.startswith(prefix) for n in ad.modules) == count, prefix
@@ -82,6 +96,9 @@ def test_text_encoders_train_from_captions(executor, kind):
 
     # both halves learned, and the loss (captions re-encoded by the trained CLIP) drops
     before, after = paired_loss(base, base_clip, kind), paired_loss(trained, trained_clip, kind)
+    print(f"[loss] {kind} {algo} + text encoder: paired {after / before:.3f}")
+    # measured (seed 0, all CPU kernel paths): SDXL 0.45, Anima 0.30 (LoHa) / 0.34 (LoKr),
+    # Cosmos stand-in 0.35 / 0.36
     assert after < 0.85 * before, (before, after)
 
     # the output CLIP carries exactly W0 + ΔW of the reloaded file for every text-encoder layer
@@ -110,7 +127,7 @@ def test_text_encoder_alone_lowers_the_loss(executor, kind):
     the gradient reaches the text-encoder modules through the model's conditioning (SDXL:
     cross-attention and the pooled `y`; Anima: cross-attention)."""
     (trained, path, _, trained_clip), (base, base_clip) = run(
-        executor, kind, learning_rate=0.0, text_encoder_lr=0.05,
+        executor, kind, learning_rate=0.0, text_encoder_lr=0.02,
         output_name=f"lycoris/te_only_{kind}", write_sdscripts_config=True)
     ad = load_adapter(path)
     unet = [m for n, m in ad.modules.items() if n.startswith("lora_unet_")]
@@ -119,10 +136,12 @@ def test_text_encoder_alone_lowers_the_loss(executor, kind):
           and not n.startswith("lora_te1_text_model_encoder_layers_2_")]  # unused layer, above
     assert te and all(float(m.delta().abs().max()) > 0 for m in te)
     before, after = paired_loss(base, base_clip, kind), paired_loss(trained, trained_clip, kind)
+    print(f"[loss] {kind} text encoder alone: paired {after / before:.3f}")
+    # measured: SDXL 0.83, Anima 0.86, Cosmos stand-in 0.55 (≥ 4.5× the 3 % asked)
     assert after < 0.97 * before, (before, after)
     stem = Path(path).name[: -len(".safetensors")]
     sh = (Path(path).parent / f"{stem}.sdscripts.sh").read_text()
-    assert "--network_train_unet_only" not in sh and "--text_encoder_lr 0.05" in sh
+    assert "--network_train_unet_only" not in sh and "--text_encoder_lr 0.02" in sh
 
 
 def test_clip_without_captions_is_a_ui_error(executor):
@@ -159,3 +178,52 @@ def test_text_encoders_train_under_the_default_bf16_autocast(executor):
     te2 = [m for n, m in ad.modules.items() if n.startswith("lora_te2_")]
     assert te2 and all(float(m.delta().abs().max()) > 0 for m in te2)
     assert all(math.isfinite(x) for x in read_state(path)[1]["losses"])
+
+
+@pytest.mark.parametrize("kind,algo", [("sdxl", "lokr"), ("dit", "loha"), ("dit", "lokr")])
+def test_trained_file_loads_back_exactly_in_both_loaders(executor, host, kind, algo):
+    """The file TrainLyCORIS writes (diffusion model, Anima's LLM adapter, text encoders) loads
+    back in LoadLyCORIS and in ComfyUI's own LoraLoader with W' = W0 + ΔW of the file for every
+    module. Exception: ComfyUI 0.3.75 maps none of Anima's `lora_te_` names (SPEC §5), so its
+    loader leaves the Qwen3 weights as they were; current ComfyUI maps them."""
+    import shutil
+
+    import comfy_host
+    from test_train_graph import patched_weights
+
+    (_, path, _, _), _ = run(executor, kind, algorithm=algo, steps=2, train_llm_adapter=True,
+                             factor=4, output_name=f"lycoris/reload_{kind}_{algo}")
+    name = f"reload_{kind}_{algo}_{Path(path).name}"
+    shutil.copy(path, host.base_dir / "models" / "loras" / name)
+    g = {"1": graph(kind)["1"]}
+    for node, cls in (("2", "LoadLyCORIS"), ("3", "LoraLoader")):
+        g[node] = {"class_type": cls, "inputs": {"model": ["1", 0], "clip": ["1", 1],
+                                                 "lora_name": name, "strength_model": 1.0,
+                                                 "strength_clip": 1.0}}
+        g[f"{node}s"] = {"class_type": "LycorisTestSink", "inputs": {"model": [node, 0],
+                                                                     "clip": [node, 1]}}
+    g["2"]["inputs"]["block_weights"] = ""
+    res = executor.run(g)
+    assert res.ok, (res.node_errors, res.execution_error)
+    base = {**patched_weights(res.outputs("1")[0]), **clip_weights(res.outputs("1")[1])}
+    ad = load_adapter(path)
+    matched = ad.resolve(KeyMap(base.keys())).matched
+    assert len(matched) == len(ad.modules)
+    assert any(k.startswith("lora_te") for k in matched)
+    if kind == "dit" and comfy_host.CURRENT:
+        assert any(k.startswith("lora_unet_llm_adapter_") for k in matched)
+    comfy_skips_te = kind == "dit" and not comfy_host.CURRENT
+    for node in ("2", "3"):
+        model, clip = res.outputs(node)[0], res.outputs(node)[1]
+        got = {**patched_weights(model), **clip_weights(clip)}
+        for mod, key in matched.items():
+            dw = ad.modules[mod].delta(torch.float64, shape=tuple(base[key].shape))
+            change = got[key].double() - base[key].double()
+            if node == "3" and comfy_skips_te and mod.startswith("lora_te_"):
+                assert float(change.abs().max()) == 0.0, mod
+                continue
+            if mod.startswith("lora_te1_text_model_encoder_layers_2_"):  # no gradient (above)
+                assert float(dw.abs().max()) == 0.0 and float(change.abs().max()) == 0.0, mod
+                continue
+            assert dw.abs().max() > 0, mod
+            assert (change - dw).abs().max() / dw.abs().max() < 1e-4, (node, mod)

@@ -10,45 +10,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from test_loaders_common import make_adapter
-from ui_workflows import EXAMPLES, load_example, on_tiny_models, tiny_sdxl_shapes, ui_to_api
+from ui_workflows import CONVERT_SOURCE, EXAMPLES, load_example, on_tiny_models, put_example_files, ui_to_api
 
 import lycoris_core as lc
 
 WORKFLOWS = ["lycoris_load", "lycoris_strength_schedule", "lycoris_merge", "lycoris_convert",
              "lycoris_train", "lycoris_train_text_encoder"]
-UNET_KEYS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
-             "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
-CONVERT_SOURCE = "sdxl_lokr_sdscripts.safetensors"
-ADAPTERS = {"example_lokr.safetensors": "lokr", "example_loha.safetensors": "loha"}
 TINY = {"KSampler": {"steps": 2}, "TrainLyCORIS": {"steps": 3, "lr_warmup_steps": 1, "training_dtype": "fp32",
                                                    "save_every_n_steps": 0}}
 
 
 @pytest.fixture(scope="module")
 def user_files(host, fixtures_dir):
-    """The checkpoint name (validation only checks that it is listed), the adapters, the image."""
-    base = host.base_dir
-    # conversion resolves names against the full-size SDXL: a real-shape sd-scripts LoKr file
-    shutil.copyfile(fixtures_dir / "lokr_linear_default_factor.safetensors",
-                    base / "models" / "loras" / CONVERT_SOURCE)
-    (base / "models" / "checkpoints" / "sd_xl_base_1.0.safetensors").touch()
-    shapes = tiny_sdxl_shapes(UNET_KEYS)
-    for i, (name, algo) in enumerate(ADAPTERS.items()):
-        path = base / "models" / "loras" / name
-        if not path.exists():
-            tensors, _ = make_adapter(shapes, algo, rank=4, alpha=2.0, seed=11 + i)
-            lc.save_safetensors(tensors, path, {"ss_network_module": f"networks.{algo}",
-                                                "ss_network_dim": "4", "ss_network_alpha": "2.0"})
-    Image.new("RGB", (64, 64), (200, 120, 40)).save(base / "input" / "example.png")
-    return base
+    """The files the examples name in the host's folders; conversion resolves names against the
+    full-size SDXL, so its source is a real-shape sd-scripts LoKr file."""
+    put_example_files(host.base_dir, fixtures_dir / "lokr_linear_default_factor.safetensors")
+    return host.base_dir
 
 
 def _classes(host) -> dict:

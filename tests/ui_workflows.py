@@ -12,12 +12,25 @@ keeps its default, as the frontend does when it loads such a workflow.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
+
+from PIL import Image
+from test_loaders_common import make_adapter
+
+import lycoris_core as lc
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_workflows"
 TINY_LATENT = {"width": 64, "height": 64}
+# The files the examples name (a user has their own): checkpoint, adapters, conversion source, image.
+EXAMPLE_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+EXAMPLE_ADAPTERS = {"example_lokr.safetensors": "lokr", "example_loha.safetensors": "loha"}
+CONVERT_SOURCE = "sdxl_lokr_sdscripts.safetensors"
+EXAMPLE_IMAGE = "example.png"
+TINY_UNET_KEYS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
+                  "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
 
 
 def input_spec(node_class) -> list[tuple[str, list]]:
@@ -121,3 +134,23 @@ def tiny_sdxl_shapes(keys) -> dict[str, tuple[int, ...]]:
                   if name.endswith("host_nodes.models") and hasattr(m, "sdxl_model"))
     sd = models.sdxl_model("tiny", 0).model.state_dict()
     return {k: tuple(sd[k].shape) for k in keys}
+
+
+def put_example_files(base: Path, convert_source: Path | None = None) -> None:
+    """The files the examples name, in the ComfyUI base folder `base`: the checkpoint (empty: only
+    its name is listed and validated; the runs use the tiny model), small real LoKr/LoHa files for
+    the tiny SDXL (2 modules each), the conversion source (a copy of `convert_source`, or without
+    one a tiny LoKr that is only listed) and the training image."""
+    loras = base / "models" / "loras"
+    (base / "models" / "checkpoints" / EXAMPLE_CHECKPOINT).touch()
+    shapes = tiny_sdxl_shapes(TINY_UNET_KEYS)
+    for i, (name, algo) in enumerate(EXAMPLE_ADAPTERS.items()):
+        if not (loras / name).exists():
+            tensors, _ = make_adapter(shapes, algo, rank=4, alpha=2.0, seed=11 + i)
+            lc.save_safetensors(tensors, loras / name, {"ss_network_module": f"networks.{algo}",
+                                                       "ss_network_dim": "4", "ss_network_alpha": "2.0"})
+    if convert_source is not None:
+        shutil.copyfile(convert_source, loras / CONVERT_SOURCE)
+    elif not (loras / CONVERT_SOURCE).exists():
+        shutil.copyfile(loras / "example_lokr.safetensors", loras / CONVERT_SOURCE)
+    Image.new("RGB", (64, 64), (200, 120, 40)).save(base / "input" / EXAMPLE_IMAGE)

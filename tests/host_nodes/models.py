@@ -1,10 +1,14 @@
-"""Small real-architecture models built from ComfyUI 0.3.75's own classes (test host only).
+"""Small real-architecture models built from the host ComfyUI's own classes (test host only).
 
 - tiny SDXL: `model_base.SDXL` with 32 channels: the real SDXL key names, fast sampling.
 - golden SDXL: 320 channels, channel_mult [1, 2, 2], transformer depth 2 only where the golden
   fixtures sit, so every golden SDXL module patches a layer of its real full size.
-- tiny / golden DiT: Cosmos-Predict2 `MiniTrainDIT` (the DiT that Anima extends), same block naming.
+- tiny / golden DiT: on current ComfyUI (0.28+) the real Anima (`supported_models.Anima` →
+  `model_base.Anima`, DiT + `llm_adapter`); on 0.3.75, which has no Anima class, Cosmos-Predict2's
+  `MiniTrainDIT` (the DiT Anima extends, same block naming) stands in.
 - tiny SDXL CLIP: CLIP-L + CLIP-G of hidden size 32 with the real tokenizer.
+- tiny Anima CLIP: Anima's Qwen3 text encoder at width 32 with the real tokenizer (current
+  ComfyUI: `text_encoders.anima` itself; 0.3.75: its Qwen3 classes under Anima's key names).
 ComfyUI's ops leave weights uninitialised, so every parameter is filled from a seeded generator.
 """
 
@@ -90,20 +94,44 @@ def sdxl_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = Fal
     return _patcher(model, (builder, (variant, seed)))
 
 
-DIT_VARIANTS = {
-    # model_channels, blocks, heads, adaln_lora_dim, cross-attention width
-    "tiny": (64, 2, 4, 16, 32),
-    "golden": (2048, 1, 16, 256, 32),
-}
-
-
-def dit_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = False):
-    """A `ModelPatcher` over Cosmos-Predict2's `MiniTrainDIT` (Anima's block naming)."""
+def has_anima() -> bool:
+    """Whether the host ComfyUI has the real Anima model (current ComfyUI; 0.3.75 has not)."""
     import comfy.supported_models
 
-    mc, blocks, heads, lora_dim, cross = DIT_VARIANTS[variant]
-    unet_config = {
-        "image_model": "cosmos_predict2", "max_img_h": 64, "max_img_w": 64, "max_frames": 1,
+    return hasattr(comfy.supported_models, "Anima")
+
+
+TEXT_WIDTH = 32
+"""Hidden size of the tiny text encoders' output the DiT reads (Qwen3 at test size)."""
+
+DIT_VARIANTS = {
+    # model_channels, blocks, heads, adaln_lora_dim
+    "tiny": (64, 2, 4, 16),
+    "golden": (2048, 1, 16, 256),
+}
+"""The golden DiT's blocks have their real Anima size (2048 wide, adaLN-LoRA 256), so
+`blocks.0.adaln_modulation_cross_attn.1` is 256 × 2048 as in the golden file."""
+
+LLM_ADAPTER_VARIANTS = {
+    # source width (the Qwen3 hidden size), model width (= target width), blocks, heads
+    "tiny": (TEXT_WIDTH, 32, 2, 2),
+    "golden": (TEXT_WIDTH, 1024, 1, 16),
+}
+"""Anima's `LLMAdapter` at test sizes. `comfy.ldm.anima.model.Anima` always builds it at its real
+size (1024 wide, 6 blocks: 135 M parameters) whatever the model config says, so the tiny models
+replace it with the same class at a smaller size: same key names (`llm_adapter.blocks.N.…`,
+`embed`, `out_proj`, `norm`; model width = target width, so no `in_proj`, as in the real model).
+The golden adapter keeps the real 1024 width, so `llm_adapter.blocks.0.self_attn.q_proj` is
+1024 × 1024 as in the golden file; its cross-attention reads a 32-wide text encoder."""
+
+CONTEXT_TOKENS = 7
+"""Text tokens of the hand-made conditionings (`dit_conditioning`)."""
+
+
+def _dit_config(variant: str, image_model: str, cross: int) -> dict:
+    mc, blocks, heads, lora_dim = DIT_VARIANTS[variant]
+    return {
+        "image_model": image_model, "max_img_h": 64, "max_img_w": 64, "max_frames": 1,
         "in_channels": 16, "out_channels": 16, "patch_spatial": 2, "patch_temporal": 1,
         "model_channels": mc, "concat_padding_mask": True, "crossattn_emb_channels": cross,
         "pos_emb_cls": "rope3d", "pos_emb_learnable": True, "pos_emb_interpolation": "crop",
@@ -114,10 +142,43 @@ def dit_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = Fals
         "extra_w_extrapolation_ratio": 1.0, "extra_t_extrapolation_ratio": 1.0,
         "rope_enable_fps_modulation": False, "dtype": torch.float32,
     }
-    cfg = comfy.supported_models.CosmosT2IPredict2(unet_config)
-    model = cfg.get_model({}, device="cpu")
-    _fill(model.diffusion_model, seed)
+
+
+def dit_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = False):
+    """A `ModelPatcher` over the real Anima (current ComfyUI) or, on 0.3.75, Cosmos-Predict2's
+    `MiniTrainDIT` with Anima's block naming (no `llm_adapter`)."""
+    import comfy.supported_models
+
+    if not has_anima():
+        cfg = comfy.supported_models.CosmosT2IPredict2(
+            _dit_config(variant, "cosmos_predict2", TEXT_WIDTH))
+        model = cfg.get_model({}, device="cpu")
+        _fill(model.diffusion_model, seed)
+        return _patcher(model, (dit_model, (variant, seed)))
+    import comfy.ldm.anima.model
+    import comfy.model_management as mm
+    import comfy.ops
+
+    source, width, blocks, heads = LLM_ADAPTER_VARIANTS[variant]
+    cfg = comfy.supported_models.Anima(_dit_config(variant, "anima", width))  # the adapter's output
+    model = cfg.get_model({}, device="cpu")  # model_base.Anima; its weights are not written yet
+    ops = comfy.ops.pick_operations(torch.float32, model.manual_cast_dtype, model_config=cfg)
+    dm = model.diffusion_model
+    dm.llm_adapter = comfy.ldm.anima.model.LLMAdapter(
+        source_dim=source, target_dim=width, model_dim=width, num_layers=blocks, num_heads=heads,
+        device="cpu", dtype=torch.float32, operations=ops)
+    mm.archive_model_dtypes(dm.llm_adapter)
+    _fill(dm, seed)
     return _patcher(model, (dit_model, (variant, seed)))
+
+
+def dit_conditioning(generator: torch.Generator, batch: int = 1) -> list:
+    """A CONDITIONING entry for the DiT as Anima's text encoder makes it: Qwen3 hidden states
+    (width 32) with the T5 token ids and weights its `llm_adapter` reads. The Cosmos stand-in
+    (0.3.75) ignores the ids and reads the 32-wide states directly."""
+    ctx = torch.randn(batch, CONTEXT_TOKENS, TEXT_WIDTH, generator=generator)
+    ids = torch.randint(0, 32128, (CONTEXT_TOKENS,), generator=generator, dtype=torch.int64)
+    return [ctx, {"t5xxl_ids": ids.int(), "t5xxl_weights": torch.ones(CONTEXT_TOKENS)}]
 
 
 def sdxl_clip(seed: int = 0):
@@ -137,18 +198,32 @@ def sdxl_clip(seed: int = 0):
     return clip
 
 
-QWEN3_TINY = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+QWEN3_TINY = {"hidden_size": TEXT_WIDTH, "intermediate_size": 64, "num_hidden_layers": 2,
               "num_attention_heads": 2, "num_key_value_heads": 1}
-"""Anima's Qwen3-0.6B text encoder shrunk to width 32 (= the tiny DiT's cross-attention width)."""
+"""Anima's Qwen3-0.6B text encoder shrunk to width 32 (what the tiny DiT's LLM adapter reads).
+Qwen3's head size stays 128 (a fixed attribute of ComfyUI's config) and so does the vocabulary
+(the real tokenizer's ids)."""
 
 
 def anima_clip(seed: int = 0):
-    """A real `comfy.sd.CLIP` over ComfyUI's own Qwen3 (`text_encoders.llama.Qwen3_4B` classes at
-    the tiny size) under Anima's key names `qwen3_06b.transformer.model.layers.N.…`, with the
-    real Qwen tokenizer. 0.3.75 has no Anima text encoder of its own; its Qwen3 is the same
-    architecture."""
+    """A real `comfy.sd.CLIP` of Anima's text encoder at the tiny size, keys
+    `qwen3_06b.transformer.model.layers.N.…`, with the real Qwen tokenizer.
+
+    Current ComfyUI: Anima's own `text_encoders.anima` tokenizer (Qwen3 + the T5 ids its LLM
+    adapter reads) and `AnimaTEModel`, sized through the model options ComfyUI reads for it
+    (`qwen3_06b_model_config`). 0.3.75 has no Anima text encoder: its Qwen3 classes
+    (`text_encoders.llama.Qwen3_4B` at the tiny size) under Anima's names stand in."""
     import comfy.sd
     import comfy.supported_models_base
+
+    if has_anima():
+        import comfy.text_encoders.anima as anima
+
+        target = comfy.supported_models_base.ClipTarget(anima.AnimaTokenizer, anima.AnimaTEModel)
+        clip = comfy.sd.CLIP(target=target, model_options={
+            "dtype": torch.float32, "qwen3_06b_model_config": dict(QWEN3_TINY)})
+        _fill(clip.cond_stage_model, seed)
+        return clip
     import comfy.text_encoders.llama
     import comfy.text_encoders.z_image as zi
     from comfy import sd1_clip

@@ -26,7 +26,16 @@ function addStyle() {
   styleAdded = true;
 }
 
-/** Add a read-only DOM widget (not saved in the workflow) to `node`; returns its root element. */
+// The frontend's margin around a DOM widget on the canvas (classic node mode), taken from the
+// widget's height (the same in frontends 1.32 and 1.45; Vue nodes size widgets to their content).
+const WIDGET_MARGIN = 10;
+const PANEL_PADDING = 8;  // top + bottom, as in PANEL_STYLE
+const CAPTION_LINE = 15;  // one caption line (11px font, line height 1.35)
+
+/**
+ * Add a read-only DOM widget (not saved in the workflow) to `node`; returns its root element.
+ * `minHeight`: the least height (px) the node lays out for it, or a function giving it.
+ */
 export function addPanel(node, name, className, minHeight = 120) {
   addStyle();
   const el = document.createElement("div");
@@ -37,19 +46,34 @@ export function addPanel(node, name, className, minHeight = 120) {
     hideOnZoom: false,
     getValue: () => undefined,
     setValue: () => {},
-    getMinHeight: () => minHeight,
+    getMinHeight: typeof minHeight === "function" ? minHeight : () => minHeight,
   });
   return el;
 }
 
-/** A panel holding a chart canvas of `chartHeight` px and a caption line below it. */
+/**
+ * A panel holding a chart canvas of `chartHeight` px and a caption below it, laid out tall enough
+ * for both. `draw(series, options)` draws the chart (see drawLines) and draws it again whenever
+ * the canvas changes size (a node resized, a panel shown after being off screen).
+ */
 export function addChartPanel(node, name, className, chartHeight) {
-  const panel = addPanel(node, name, className, chartHeight + 30);
   const canvas = document.createElement("canvas");
   const caption = document.createElement("div");
+  const panel = addPanel(node, name, className, () => chartHeight +
+    Math.max(caption.offsetHeight, CAPTION_LINE) + PANEL_PADDING + 2 * WIDGET_MARGIN);
   canvas.style.height = `${chartHeight}px`;
   panel.append(canvas, caption);
-  return { panel, canvas, caption };
+  let last = null;
+  let drawnWidth = 0;
+  const draw = (series, options) => {
+    last = [series, options];
+    drawnWidth = canvas.clientWidth;
+    drawLines(canvas, series, options);
+  };
+  new ResizeObserver(() => {
+    if (last && canvas.clientWidth && canvas.clientWidth !== drawnWidth) draw(...last);
+  }).observe(canvas);
+  return { panel, canvas, caption, draw };
 }
 
 /** GET a JSON route of the pack (under /api); throws the server's `error` text on failure. */

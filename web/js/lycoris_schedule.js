@@ -1,7 +1,7 @@
 // LyCORISStrengthSchedule: a live chart of the strength curve while the schedule text is edited
 // (parsed on the server by the node's own parser: GET /lycoris/schedule), with the steps the
 // sampler will take (preview_steps) marked. After a run the node also shows its curve image.
-import { addChartPanel, chain, drawLines, fetchJson, onWidgetChange, registerNodeExtension } from "./lycoris_panel.js";
+import { addChartPanel, chain, fetchJson, onWidgetChange, registerNodeExtension } from "./lycoris_panel.js";
 
 const NODE = "LyCORISStrengthSchedule";
 
@@ -9,7 +9,7 @@ export const fetchCurve = (schedule, interpolation) =>
   fetchJson(`/lycoris/schedule?${new URLSearchParams({ schedule, interpolation })}`);
 
 function setupSchedule(node) {
-  const { canvas, caption } = addChartPanel(node, "lycoris_curve", "lycoris-schedule-curve", 100);
+  const { caption, draw } = addChartPanel(node, "lycoris_curve", "lycoris-schedule-curve", 100);
   const value = (name) => node.widgets?.find((w) => w.name === name)?.value;
   let pending = 0;
 
@@ -21,7 +21,7 @@ function setupSchedule(node) {
       const n = Number(value("preview_steps") ?? 0);
       const steps = n > 0 ? [...Array(n).keys()].map((i) => i / n) : [];
       const stepStrength = steps.map((p) => c.strength[Math.round(p * (c.percent.length - 1))]);
-      drawLines(canvas, [
+      draw([
         { xs: c.percent.map((p) => p * 100), ys: c.strength, color: "#4fd1c5" },
         ...(steps.length ? [{ xs: steps.map((p) => p * 100), ys: stepStrength, color: "#f6ad55", dots: true }] : []),
       ], { title: "strength", xLabel: "%" });
@@ -29,7 +29,7 @@ function setupSchedule(node) {
       caption.textContent = c.describe + (steps.length ? `  (orange: ${n} steps)` : "");
     } catch (e) {
       if (ticket !== pending) return;
-      drawLines(canvas, [], { title: "strength" });
+      draw([], { title: "strength" });
       caption.className = "lyc-error";
       caption.textContent = String(e.message ?? e);
     }

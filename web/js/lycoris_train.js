@@ -3,7 +3,7 @@
 // running mean while training runs.
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
-import { addChartPanel, drawLines, registerNodeExtension } from "./lycoris_panel.js";
+import { addChartPanel, registerNodeExtension } from "./lycoris_panel.js";
 
 const NODE = "TrainLyCORIS";
 const STEP_RE = /step\s+(\d+)\s*\/\s*(\d+)\s+loss\s+([-+0-9.eE]+|nan|inf)/i;
@@ -21,25 +21,40 @@ function runningMean(ys, beta = 0.9) {
 }
 
 function setupTrainer(node) {
-  const { canvas, caption } = addChartPanel(node, "lycoris_loss", "lycoris-loss-chart", 110);
+  const { caption, draw } = addChartPanel(node, "lycoris_loss", "lycoris-loss-chart", 110);
   // kept on the node: its id is only known once it is in the graph
-  node.lycorisLossChart = { canvas, caption, steps: [], losses: [] };
+  node.lycorisLossChart = { caption, draw, steps: [], losses: [] };
   caption.textContent = "loss: not trained yet";
-  setTimeout(() => drawLines(canvas, [], { title: "loss" }), 0);
+  setTimeout(() => draw([], { title: "loss" }), 0);
+}
+
+/**
+ * Grow `node` to the height its widgets need. The frontend shows progress text in a widget of its
+ * own that it adds under the chart on the first message, without growing the node (1.32 and 1.45
+ * alike): the node was then 20 px shorter than its widgets need, and that widget got less room.
+ */
+function fitHeight(node) {
+  const need = node.computeSize?.()?.[1];
+  if (need > node.size[1]) {
+    node.setSize([node.size[0], need]);
+    node.setDirtyCanvas?.(true, true);
+  }
 }
 
 function onProgressText(event) {
   const { nodeId, text } = event.detail ?? {};
-  const chart = app.graph?.getNodeById(nodeId)?.lycorisLossChart;
+  const node = app.graph?.getNodeById(nodeId);
+  const chart = node?.lycorisLossChart;
   const p = parseProgress(text);
   if (!chart || !p) return;
+  setTimeout(() => fitHeight(node), 0);  // after the frontend's own listener has added its widget
   if (chart.steps.length && p.step <= chart.steps[chart.steps.length - 1]) {
     chart.steps = [];  // a new run
     chart.losses = [];
   }
   chart.steps.push(p.step);
   chart.losses.push(p.loss);
-  drawLines(chart.canvas, [
+  chart.draw([
     { xs: chart.steps, ys: chart.losses, color: "#718096" },
     { xs: chart.steps, ys: runningMean(chart.losses), color: "#4fd1c5" },
   ], { title: "loss", xLabel: "step" });
