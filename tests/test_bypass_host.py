@@ -15,8 +15,9 @@ What is checked, on both hosts:
 TOL: the typical |bypass − patch| / |patch − base| here is 2e-6 … 3e-4 (float32 rounding of
 latents of magnitude ~400 against effects of 0.7 … 40; the same with 1 thread and
 ATEN_CPU_CAPABILITY=default), so 1e-2 keeps ≥ 30× margin; a wrong strength (0.8 → 0.75) gives
-5e-2 (test_tolerance_catches_a_wrong_strength), and a bypass 5 % low, the DoRA norm of W0 instead
-of W0 + ΔW (ComfyUI's defect) or a schedule whose strength the hooks ignore fail these tests.
+5.4e-2, over 5× TOL (test_tolerance_catches_a_wrong_strength), and a bypass 5 % low, the DoRA
+norm of W0 instead of W0 + ΔW (ComfyUI's defect) or a schedule whose strength the hooks ignore
+fail these tests.
 """
 
 from __future__ import annotations
@@ -24,11 +25,11 @@ from __future__ import annotations
 import gc
 import sys
 
+import goldens
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import rel_err
-from safetensors.torch import load_file
 from test_loaders_common import (
     install_golden,
     loras_dir,
@@ -41,7 +42,10 @@ from test_loaders_common import (
 from bench.bench_apply import place
 
 TOL = 1e-2
-EXACT = 1e-5  # layer level, against the references' ΔW (float32 noise is ~1e-7)
+EXACT = 1e-5
+"""Layer level, against the references' ΔW: the float32 rounding of W0 x + b against the effect
+s·ΔW x at s = 2 measures 0.5e-6 … 1.6e-6 (2 threads AVX512; 1 thread, AVX512 and default
+kernels): ≥ 6× margin (at s = 0.8 it was up to 3.1e-6). A wrong formula gives O(1)."""
 
 
 def ratio(base, patch, bypass) -> float:
@@ -50,27 +54,6 @@ def ratio(base, patch, bypass) -> float:
     effect = float((patch - base).abs().max())
     assert effect > 0, "the adapter changed nothing: the comparison would be empty"
     return float((bypass - patch).abs().max()) / effect
-
-
-def _golden_cases() -> list[str]:
-    """The golden case names (tests/fixtures' `goldens` once merged, else the shared folder)."""
-    try:
-        import goldens
-    except ImportError:
-        from conftest import FIXTURES
-        from helpers import golden_cases
-
-        return golden_cases(FIXTURES)
-    return goldens.cases()
-
-
-def _expected(fixtures_dir, case: str) -> dict[str, torch.Tensor]:
-    """{key: the references' ΔW at strength 1} of a golden case (see `_golden_cases`)."""
-    try:
-        import goldens
-    except ImportError:
-        return load_file(fixtures_dir / f"{case}.expected.safetensors")
-    return goldens.expected(case)
 
 
 def _models():
@@ -118,24 +101,23 @@ def _run_layer(patcher, layer, x):
     return y, backups
 
 
-@pytest.mark.parametrize("case", _golden_cases())
-def test_golden_layer_bypass_equals_references(host, patching, fixtures_dir, case):
+@pytest.mark.parametrize("case", goldens.cases())
+def test_golden_layer_bypass_equals_references(host, patching, case):
     """Each golden file on a real ComfyUI op of its layer's shape: the bypass output is
     W0 x + b + s·ΔW_reference x (the references' own ΔW), equal to patch mode; the weight is
     bit-identical afterwards, no backup is held while loaded, and the hooks are gone."""
-    (key, dw), = _expected(fixtures_dir, case).items()
-    base_file = fixtures_dir / f"{case}.base.safetensors"
+    (key, dw), = goldens.expected(case).items()
     g = torch.Generator().manual_seed(0)
-    w0 = (load_file(base_file)[key].float() if base_file.exists()
-          else 0.02 * torch.randn(dw.shape, generator=g))
+    w0 = goldens.base_weights(case).get(key)
+    w0 = 0.02 * torch.randn(dw.shape, generator=g) if w0 is None else w0
     x = torch.randn(3, 7, dw.shape[1], generator=g) if dw.dim() == 2 else \
         torch.randn(2, dw.shape[1], 8, 8, generator=g)
-    s = 0.8
+    s = 2.0  # a strong adapter effect against float32 rounding of W0 x (see EXACT)
     outs, injections = {}, None
     for mode in ("base", "patch", "bypass"):
         patcher, layer = _golden_layer(key, tuple(dw.shape), w0)
         if mode != "base":
-            patcher, _, result = patching.apply_adapter(patcher, None, str(fixtures_dir / f"{case}.safetensors"),
+            patcher, _, result = patching.apply_adapter(patcher, None, str(goldens.adapter_file(case)),
                                                         s, 1.0, "", mode=mode)
             assert result.mode == mode and len(result.applied) == 1 and not result.fallback
         outs[mode], backups = _run_layer(patcher, layer, x)
@@ -185,7 +167,7 @@ def test_golden_sample_bypass_equals_patch(host, golden_ex, fixtures_dir, case):
     executor, golden_base = golden_ex
     kind, loader = SAMPLED[case]
     name = install_golden(host, fixtures_dir, case)
-    (key,) = _expected(fixtures_dir, case)
+    (key,) = goldens.expected(case)
     latents = {}
     for mode in ("patch", "bypass"):
         g = sampler_graph(kind, loader, name, strength_model=0.8, mode=mode, record=key)
@@ -287,7 +269,7 @@ def test_tolerance_catches_a_wrong_strength(host, executor, tiny):
     for mode, s in (("patch", 0.8), ("bypass", 0.75)):
         res, _ = run_recorded(executor, sampler_graph("tiny_sdxl", "LoadLoKr", name, s, mode=mode))
         latents[mode] = _latent(res)
-    assert ratio(tiny["latent"], latents["patch"], latents["bypass"]) > 3 * TOL
+    assert ratio(tiny["latent"], latents["patch"], latents["bypass"]) > TOL  # measured 5.4e-2
 
 
 # ------------------------------------------------------------------------------------- DoRA
@@ -667,7 +649,7 @@ def test_anima_qwen3_text_encoder_in_bypass(host):
     conds = {"base": encode(clip)}
     for mode in ("patch", "bypass"):
         _, new_clip, result = patching.apply_adapter(None, clip, path, 0.0, 0.8, mode=mode)
-        assert result.summary["matched_by_component"] == {"qwen3_06b": len(keys)}
+        assert result.summary["matched_by_component"] == {"qwen3": len(keys)}
         conds[mode] = encode(new_clip)
         if mode == "bypass":
             assert new_clip.patcher.patches == {} and len(result.bypassed) == len(keys)
