@@ -25,7 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import RESULTS_DIR, ROOT, default_clock, format_table, machine_info, row, write_json
+from .common import RESULTS_DIR, ROOT, default_clock, format_table, hosts_env, machine_info, row, write_json
 
 BENCHES: dict[str, str] = {
     "delta": "bench.bench_delta",
@@ -158,13 +158,14 @@ def _child(name: str, quick: bool, out: str) -> None:
 def current_comfyui() -> tuple[str, dict[str, str]] | str:
     """(python, env) of the current-ComfyUI host from `.cache/hosts.env`, or why there is none."""
     hosts = ROOT / ".cache" / "hosts.env"
-    try:
-        pairs = dict(line.split("=", 1) for line in hosts.read_text().splitlines() if "=" in line)
-    except OSError:
+    if not hosts.is_file():
         return f"{hosts} not found: run scripts/bootstrap.sh"
-    if not pairs.get("HOST2_DIR") or not pairs.get("HOST2_PY"):
-        return f"no current-ComfyUI host: {pairs.get('HOST2_SKIP', 'see scripts/bootstrap.sh')}"
-    return pairs["HOST2_PY"], {"LYCORIS_COMFYUI_DIR": pairs["HOST2_DIR"]}
+    if "2" not in hosts_env():
+        skip = [line.split("=", 1)[1] for line in hosts.read_text().splitlines()
+                if line.startswith("HOST2_SKIP=")]
+        return f"no current-ComfyUI host: {(skip or ['see scripts/bootstrap.sh'])[0]}"
+    python, tree = hosts_env()["2"]
+    return python, {"LYCORIS_COMFYUI_DIR": tree}
 
 
 def run_bench(name: str, quick: bool, threads: int | None) -> dict:
