@@ -129,6 +129,13 @@ class LyCORISStrengthSchedule(io.ComfyNode):
             for key, why in scheduled.fallback.items():
                 log.warning("%s %s: %s is scheduled by writing its weight (bypass cannot run "
                             "it: %s)", NODE_ID, lora_name, key, why)
+            for key, why in scheduled.constant_fallback.items():
+                log.warning("%s %s: %s is patched (bypass cannot run it: %s)", NODE_ID, lora_name,
+                            key, why)
+            if scheduled.constant:
+                log.info("%s %s: %d LLM-adapter weights at constant strength (the LLM adapter runs "
+                         "once on the prompt, before the steps a schedule follows)", NODE_ID,
+                         lora_name, len(scheduled.constant))
         log.info("%s %s: %d weights scheduled (mode %s), %s", NODE_ID, lora_name, len(entries),
                  mode, sched.describe())
         curve = torch.from_numpy(render_curve(sched, steps=preview_steps or None))[None]

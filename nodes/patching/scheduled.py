@@ -19,6 +19,11 @@ both touch get `W_base + Σ sᵢ·ΔWᵢ`. Extra memory during sampling: W_base 
 (float32) of the adapted weights; `cache_delta=False` keeps only W_base (on the offload device)
 and rebuilds ΔW in row blocks whenever the strength changes.
 
+Weights of components that run once on the prompt before the first step (Anima's LLM adapter,
+`keymap.runs_on_prompt`) are not scheduled: no per-step strength could reach the output through
+them. They get their constant strength (strength_model × block weight), patched as the loader
+patches them (or in bypass mode hooked at that strength), like the CLIP at strength_clip.
+
 Mode "bypass": the adapter runs at forward time (`bypass.BypassInjection`) and CALC_COND_BATCH
 only sets the strength its hooks read (`Strength.value`, 0 outside sampling, like the weights
 above); no weight is snapshot, written or restored. Modules bypass cannot run are scheduled as
@@ -41,9 +46,18 @@ import torch
 from ...lycoris_core import AdapterError
 from ...lycoris_core.algos import AdapterModule
 from ...lycoris_core.blocks import BlockWeights
+from ...lycoris_core.keymap import runs_on_prompt
 from ...lycoris_core.schedule import Schedule, percent_along_sigmas
 from .bypass import BypassInjection, Strength, bypass_plan, injections_of
-from .static import LycorisPatch, _add_rows, _identity, apply_adapter, cached_adapter, delta_row_blocks
+from .static import (
+    LycorisPatch,
+    _add_rows,
+    _identity,
+    add_lycoris_patches,
+    apply_adapter,
+    cached_adapter,
+    delta_row_blocks,
+)
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -68,6 +82,18 @@ class ScheduledAdapter:
     bypass: BypassInjection | None = field(default=None, init=False)
     fallback: dict[str, str] = field(default_factory=dict, init=False)
     """Bypass mode: {key: reason} of the weights scheduled by writing them instead."""
+    constant: dict[str, tuple[AdapterModule, float]] = field(default_factory=dict, init=False)
+    """The entries that run once on the prompt before the first step (Anima's LLM adapter,
+    `keymap.runs_on_prompt`): a per-step strength cannot reach the output through them, so they
+    are applied at their own strength (strength_model × block weight) for the whole run, as the
+    loader does (and as the CLIP gets strength_clip). Taken out of `entries`."""
+    constant_fallback: dict[str, str] = field(default_factory=dict, init=False)
+    """Bypass mode: {key: reason} of the constant entries patched instead."""
+
+    def __post_init__(self) -> None:
+        self.constant = {k: e for k, e in self.entries.items() if runs_on_prompt(k)}
+        if self.constant:
+            self.entries = {k: e for k, e in self.entries.items() if k not in self.constant}
 
     @property
     def weight_entries(self) -> dict[str, tuple[AdapterModule, float]]:
@@ -79,11 +105,18 @@ class ScheduledAdapter:
     def attach(self, patcher) -> None:
         """Register the wrappers (and in bypass mode the injection) on `patcher`, a ModelPatcher
         clone owned by the caller."""
+        constant = self.constant
         if self.mode == "bypass":
             layers, self.fallback = bypass_plan(patcher, self.entries)
             if layers:
                 self.bypass = BypassInjection(layers, Strength(0.0), scheduled=True)
                 self.bypass.attach(patcher)
+            if constant:
+                layers, self.constant_fallback = bypass_plan(patcher, constant)
+                if layers:
+                    BypassInjection(layers).attach(patcher)
+                constant = {k: constant[k] for k in self.constant_fallback}
+        add_lycoris_patches(patcher, constant)
         wm = comfy.patcher_extension.WrappersMP
         patcher.add_wrapper_with_key(wm.SAMPLER_SAMPLE, WRAPPER_KEY, self._sampler_sample)
         patcher.add_wrapper_with_key(wm.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)

@@ -244,6 +244,21 @@ def _no_match_error(adapter: Adapter, arch: str, model_keys: int, has_clip: bool
                         file=adapter.path)
 
 
+def add_lycoris_patches(patcher, items: dict[str, tuple[AdapterModule, float]],
+                        path: str | None = None) -> None:
+    """Add `items` {weight key: (module, strength)} to `patcher` (a ModelPatcher or CLIP clone
+    owned by the caller) as `LycorisPatch` patches, one `add_patches` call per strength."""
+    groups: dict[float, dict[str, LycorisPatch]] = {}
+    for key, (module, s) in items.items():
+        groups.setdefault(s, {})[key] = LycorisPatch(module, key)
+    for s, patches in groups.items():
+        added = patcher.add_patches(patches, s)
+        if len(added) != len(patches):  # cannot happen: keys come from the same state dicts
+            missing = sorted(set(patches) - set(added))
+            raise AdapterError(f"ComfyUI refused {len(missing)} patches, e.g. {missing[:3]}",
+                               file=None if path is None else str(path), key=missing[0])
+
+
 def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: float,
                   block_weights: str | BlockWeights = "", expect_algo: str | None = None,
                   node: str = "LoadLyCORIS", mode: str = "patch", plan_model: bool = True):
@@ -312,20 +327,11 @@ def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: 
             if layers:
                 injections[target] = BypassInjection(layers)
 
-    groups: dict[tuple[str, float], dict[str, LycorisPatch]] = {}
-    for target, items in entries.items():
-        for key, (module, s) in items.items():
-            groups.setdefault((target, s), {})[key] = LycorisPatch(module, key)
-    touched = {t for t, _ in groups} | set(injections)
+    touched = {t for t, items in entries.items() if items} | set(injections)
     new_model = model.clone() if model is not None and "model" in touched else model
     new_clip = clip.clone() if clip is not None and "clip" in touched else clip
-    for (target, s), patches in groups.items():
-        patcher = new_model if target == "model" else new_clip
-        added = patcher.add_patches(patches, s)
-        if len(added) != len(patches):  # cannot happen: keys come from the same state dicts
-            missing = sorted(set(patches) - set(added))
-            raise AdapterError(f"ComfyUI refused {len(missing)} patches, e.g. {missing[:3]}",
-                               file=str(path), key=missing[0])
+    for target, items in entries.items():
+        add_lycoris_patches(new_model if target == "model" else new_clip, items, path)
     for target, injection in injections.items():
         injection.attach(new_model if target == "model" else new_clip.patcher)
     return new_model, new_clip, result
