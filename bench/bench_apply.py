@@ -15,6 +15,17 @@ Then every patched weight goes through ComfyUI's own `ModelPatcher.patch_weight_
 copy, `calculate_weight`, rounding to fp16) and is put back right away, so base memory stays flat.
 Peak memory is the process RSS sampled every millisecond (glibc told to return large blocks at
 once) minus the RSS before the path starts. --quick uses every 20th module (well under a minute).
+
+Second part, "real load" (`real_load`): the weights live in real ComfyUI layers (manual-cast
+`Linear` / `Conv2d` holding fp16 weights, computing in float32) and each contestant is loaded the
+way a sampler loads it, `comfy.model_management.load_models_gpu` (full load, CPU), then unloaded:
+ComfyUI's LoraLoader path, our loader in patch mode (both keep a backup of every patched weight
+while loaded) and our loader in bypass mode (forward hooks; no weight written, no backup). Load
+time = from the file on disk to the model loaded; peak extra RSS over the same span, and the
+bypass figure against the goal "adapter file + 64 MiB" — also measured in a fresh process
+(`fresh_bypass`), where no memory freed by another contestant can be reused. A probe of layers is run on random
+activations in each state and compared with W0 + ΔW in float64 (error relative to the adapter's
+effect; the patch paths round W0 + ΔW to fp16, bypass never rounds the weight).
 Prints a table and writes JSON to bench/results/.
 """
 
@@ -131,34 +142,53 @@ def make_adapter(mods: dict, algo: str, seed: int):
     return t
 
 
+def place(root, key: str, value) -> None:
+    """Put `value` (a Module, or a tensor made a frozen Parameter) at the dotted `key` under
+    `root`, creating empty Modules for the path."""
+    import torch
+
+    *path, leaf = key.split(".")
+    node = root
+    for part in path:
+        if not hasattr(node, part):
+            node.add_module(part, torch.nn.Module())
+        node = getattr(node, part)
+    if isinstance(value, torch.nn.Module):
+        node.add_module(leaf, value)
+    else:
+        node.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+
+
 def module_tree(weights: dict):
     """A torch module tree holding `weights` ({dotted state-dict key: tensor}) under those keys."""
     import torch
 
     root = torch.nn.Module()
     for key, w in weights.items():
-        *path, leaf = key.split(".")
-        node = root
-        for part in path:
-            if not hasattr(node, part):
-                node.add_module(part, torch.nn.Module())
-            node = getattr(node, part)
-        node.register_parameter(leaf, torch.nn.Parameter(w, requires_grad=False))
+        place(root, key, w)
     return root
 
 
 def build_model(mods: dict):
-    """A ModelPatcher over a module tree holding the fp16 target weights under their real keys."""
+    """A ModelPatcher over a module tree holding the fp16 target weights under their real keys,
+    each in a real ComfyUI layer (`comfy.ops.manual_cast` Linear / Conv2d: fp16 storage, float32
+    compute)."""
     import comfy.model_patcher
+    import comfy.ops
     import torch
 
     g = torch.Generator().manual_seed(0)
-
-    def weight(shape):
-        w = torch.empty(shape, dtype=torch.float16)
-        return w.normal_(0, 0.02, generator=g)
-
-    root = module_tree({key: weight(shape) for key, shape in mods.values()})
+    ops = comfy.ops.manual_cast
+    root = torch.nn.Module()
+    for key, shape in mods.values():
+        if len(shape) == 2:
+            layer = ops.Linear(shape[1], shape[0], bias=False, dtype=torch.float16)
+        else:
+            layer = ops.Conv2d(shape[1], shape[0], shape[2:], padding=shape[2] // 2, bias=False,
+                               dtype=torch.float16)
+        layer.weight = torch.nn.Parameter(torch.empty(shape, dtype=torch.float16).normal_(
+            0, 0.02, generator=g), requires_grad=False)
+        place(root, key[: -len(".weight")], layer)
     dev = torch.device("cpu")
     return comfy.model_patcher.ModelPatcher(root, load_device=dev, offload_device=dev)
 
@@ -176,10 +206,11 @@ def comfy_load(patcher, path: str, mods: dict):
     return m
 
 
-def ours_load(patching, patcher, path: str, mods: dict):
+def ours_load(patching, patcher, path: str, mods: dict, mode: str = "patch"):
     patching.clear_cache()
-    m, _, result = patching.apply_adapter(patcher, None, path, 1.0, 0.0, "")
+    m, _, result = patching.apply_adapter(patcher, None, path, 1.0, 0.0, "", mode=mode)
     assert len(result.applied) == len(mods), (len(result.applied), result.unmatched[:3])
+    assert mode == "patch" or (len(result.bypassed) == len(mods) and not result.fallback)
     return m
 
 
@@ -220,6 +251,15 @@ def run(quick: bool, repeat: int) -> dict:
     patching = host.pack.nodes.patching
     import lycoris_core as lc
 
+    from .common import child_peak_rss
+
+    fresh = {}  # before this process holds the model: two copies might not fit
+    for algo in ("lokr", "loha"):
+        fresh[algo] = child_peak_rss("bench.bench_apply:fresh_bypass", {"algo": algo, "quick": quick},
+                                     timeout=1800)["result"]
+        print(f"  fresh process, {algo} bypass: load {fresh[algo]['load_s']:.2f}s, peak extra "
+              f"{fresh[algo]['peak_extra_bytes'] / 2**20:.0f} MiB (file "
+              f"{fresh[algo]['file_bytes'] / 2**20:.0f} MiB)", flush=True)
     torch.set_grad_enabled(False)
     mods = targets(quick)
     t0 = time.perf_counter()
@@ -235,6 +275,7 @@ def run(quick: bool, repeat: int) -> dict:
     print(f"  ComfyUI's own patching cost (no-op patches): {time.perf_counter() - t1:.2f}s, peak extra "
           f"{floor.extra / 2**20:.0f} MiB", flush=True)
     rows = []
+    paths: dict[str, str] = {}
     for algo in ("lokr", "loha"):
         path = str(tmp / f"{algo}.safetensors")
         lc.save_safetensors(make_adapter(mods, algo, seed=1), path,
@@ -284,8 +325,183 @@ def run(quick: bool, repeat: int) -> dict:
             "comfy_beyond_host_bytes": peak["comfy"] - floor.extra,
             "max_abs_diff_patched_weights_fp16": diff,
         })
+        paths[algo] = path
+    real = run_real_load(patching, patcher, paths, mods, max(2, repeat), fresh)
     return {"quick": quick, "repeat": repeat, "torch_threads": torch.get_num_threads(),
-            "results": rows}
+            "results": rows, "real_load": real}
+
+
+REAL_CONTESTANTS = ("comfy", "patch", "bypass")
+BYPASS_GOAL_EXTRA = 64 << 20
+"""Bypass goal: peak extra RSS at most the adapter file + this."""
+
+
+def _probe_inputs(patcher, keys: list[str], tokens: int = 16) -> dict:
+    """{key: (layer, fixed random activations float32)} of the probe layers."""
+    import comfy.utils
+    import torch
+
+    out = {}
+    for n, key in enumerate(keys):
+        layer = comfy.utils.get_attr(patcher.model, key[: -len(".weight")])
+        w = layer.weight
+        g = torch.Generator().manual_seed(n)
+        shape = (1, tokens, w.shape[1]) if w.dim() == 2 else (1, w.shape[1], 4, 4)
+        out[key] = (layer, torch.randn(shape, generator=g))
+    return out
+
+
+def _probe_outputs(patcher, keys: list[str]) -> dict:
+    """The probe layers' outputs (float64) in the model's present state."""
+    import torch
+
+    with torch.inference_mode():
+        return {k: layer(x).double() for k, (layer, x) in _probe_inputs(patcher, keys).items()}
+
+
+def _exact_outputs(patcher, keys: list[str], path: str) -> dict:
+    """The probe layers' outputs with W0 + ΔW in float64 (ΔW by lycoris_core in float64): what
+    every contestant approximates (patch modes round W0 + ΔW to fp16)."""
+    import torch
+    import torch.nn.functional as F
+
+    import lycoris_core as lc
+
+    adapter = lc.load_adapter(path)
+    res = adapter.resolve(lc.KeyMap(list(patcher.model.state_dict())))
+    names = {key: name for name, key in res.matched.items()}
+    out = {}
+    for key, (layer, x) in _probe_inputs(patcher, keys).items():
+        w0 = layer.weight.detach().double()
+        w = w0 + adapter.modules[names[key]].delta(torch.float64, shape=tuple(w0.shape))
+        out[key] = (F.linear(x.double(), w) if w.dim() == 2
+                    else F.conv2d(x.double(), w, padding=layer.padding))
+    return out
+
+
+def real_load(patching, patcher, path: str, mods: dict, who: str, probe: list[str] | None):
+    """One contestant from the file on disk to the model loaded (`load_models_gpu`, full), then
+    unloaded. Returns (stats, probe outputs while loaded or None)."""
+    import comfy.model_management as mm
+    import torch
+
+    gc.collect()
+    with torch.inference_mode(), PeakRSS() as mem:
+        t1, c1 = time.perf_counter(), time.process_time()
+        if who == "comfy":
+            m = comfy_load(patcher, path, mods)
+        else:
+            m = ours_load(patching, patcher, path, mods, mode=who)
+        mm.load_models_gpu([m], force_full_load=True)
+        t2, c2 = time.perf_counter(), time.process_time()
+        backups = len(m.backup)
+    outs = _probe_outputs(m, probe) if probe else None
+    mm.unload_all_models()
+    del m
+    gc.collect()
+    return {"load_s": t2 - t1, "load_cpu_s": c2 - c1, "peak_extra_bytes": mem.extra,
+            "backups": backups}, outs
+
+
+def fresh_bypass(algo: str, quick: bool) -> dict:
+    """In a fresh process (`common.child_peak_rss`): build the model, write the adapter, then load
+    it in bypass mode and for sampling; peak extra RSS over that span. In the interleaved runs the
+    heap can reuse what a previous contestant freed (small factor tensors come from the heap), so
+    this is the figure the goal "file + 64 MiB" is checked with."""
+    import tempfile
+
+    import torch
+
+    import lycoris_core as lc
+
+    from .common import comfy_host
+
+    patching = comfy_host().pack.nodes.patching
+    import comfy.model_management as mm  # importable once the host is booted
+
+    mods = targets(quick)
+    patcher = build_model(mods)
+    path = str(Path(tempfile.mkdtemp(prefix="bench_lyco_fresh_")) / f"{algo}.safetensors")
+    lc.save_safetensors(make_adapter(mods, algo, seed=1), path, {"ss_network_module": f"networks.{algo}"})
+    gc.collect()
+    with torch.inference_mode(), PeakRSS() as mem:
+        t1 = time.perf_counter()
+        m = ours_load(patching, patcher, path, mods, mode="bypass")
+        mm.load_models_gpu([m], force_full_load=True)
+        t2 = time.perf_counter()
+    return {"peak_extra_bytes": mem.extra, "load_s": t2 - t1, "file_bytes": os.path.getsize(path),
+            "backups": len(m.backup)}
+
+
+def run_real_load(patching, patcher, paths: dict[str, str], mods: dict, repeat: int,
+                  fresh: dict[str, dict] | None = None) -> list[dict]:
+    """The "real load" part for each adapter file: comfy / patch / bypass, interleaved with the
+    order rotating per round; best (min) time and peak per contestant, and their ratios."""
+    probe = [k for k, _ in list(mods.values())[:: max(1, len(mods) // 6)]]
+    base = _probe_outputs(patcher, probe)
+    rows = []
+    for algo, path in paths.items():
+        stats = {w: [] for w in REAL_CONTESTANTS}
+        outs = {}
+        for rep in range(repeat):
+            order = REAL_CONTESTANTS[rep % 3:] + REAL_CONTESTANTS[:rep % 3]
+            for who in order:
+                st, o = real_load(patching, patcher, path, mods, who, probe if rep == 0 else None)
+                stats[who].append(st)
+                if o is not None:
+                    outs[who] = o
+                print(f"  real load {algo} {who}: {st['load_s']:.2f}s (cpu {st['load_cpu_s']:.2f}s), "
+                      f"peak extra {st['peak_extra_bytes'] / 2**20:.0f} MiB, backups {st['backups']}",
+                      flush=True)
+        best = {w: {f: min(r[f] for r in s) for f in ("load_s", "load_cpu_s", "peak_extra_bytes")}
+                for w, s in stats.items()}
+        exact = _exact_outputs(patcher, probe, path)
+        agree = {}  # max |out − exact| / |exact − base| over the probe layers
+        for who in REAL_CONTESTANTS:
+            agree[who] = max(float((outs[who][k] - exact[k]).abs().max())
+                             / max(1e-30, float((exact[k] - base[k]).abs().max()))
+                             for k in probe)
+        file_bytes = os.path.getsize(path)
+        fresh_peak = (fresh or {}).get(algo, {}).get("peak_extra_bytes")
+        goal_peak = max(best["bypass"]["peak_extra_bytes"], fresh_peak or 0)
+        rows.append({
+            "algo": algo, "modules": len(mods), "rank": RANK, "runs": stats, "best": best,
+            "file_bytes": file_bytes,
+            "bypass_goal_bytes": file_bytes + BYPASS_GOAL_EXTRA,
+            "bypass_fresh_process": (fresh or {}).get(algo),
+            "bypass_goal_peak_bytes": goal_peak,
+            "bypass_meets_goal": goal_peak <= file_bytes + BYPASS_GOAL_EXTRA,
+            "time_bypass_over_patch": best["bypass"]["load_s"] / best["patch"]["load_s"],
+            "time_bypass_over_comfy": best["bypass"]["load_s"] / best["comfy"]["load_s"],
+            "time_patch_over_comfy": best["patch"]["load_s"] / best["comfy"]["load_s"],
+            "peak_bypass_over_patch": best["bypass"]["peak_extra_bytes"]
+            / max(1, best["patch"]["peak_extra_bytes"]),
+            "peak_bypass_over_comfy": best["bypass"]["peak_extra_bytes"]
+            / max(1, best["comfy"]["peak_extra_bytes"]),
+            "probe_error_vs_exact": agree,
+            "backups": {w: stats[w][0]["backups"] for w in stats},
+        })
+        assert agree["bypass"] < 1e-3, f"bypass is not W0 + ΔW: {agree}"
+    return rows
+
+
+def print_real_table(rows: list[dict]) -> None:
+    mib = 2 ** 20
+    print()
+    print("real load (load_models_gpu, full): time s / peak extra MiB")
+    print(f"{'algo':5} {'modules':>7} {'comfy':>14} {'patch':>14} {'bypass':>14} "
+          f"{'byp/patch t':>11} {'byp/comfy t':>11} {'byp/patch mem':>13} {'file':>8} "
+          f"{'fresh':>9} {'goal':>5}")
+    for r in rows:
+        b = r["best"]
+        cell = lambda w, b=b: f"{b[w]['load_s']:.2f}/{b[w]['peak_extra_bytes'] / mib:.0f}"  # noqa: E731
+        print(f"{r['algo']:5} {r['modules']:>7} {cell('comfy'):>14} {cell('patch'):>14} "
+              f"{cell('bypass'):>14} {r['time_bypass_over_patch']:>11.3f} "
+              f"{r['time_bypass_over_comfy']:>11.3f} {r['peak_bypass_over_patch']:>13.4f} "
+              f"{r['file_bytes'] / mib:>4.0f} MiB {r['bypass_goal_peak_bytes'] / mib:>5.0f} MiB "
+              f"{'ok' if r['bypass_meets_goal'] else 'MISS':>5}")
+        print("      probe error vs exact W0 + ΔW (of the effect): " + ", ".join(
+            f"{w} {e:.1e}" for w, e in r["probe_error_vs_exact"].items()))
 
 
 def print_table(res: dict) -> None:
@@ -318,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     res = run(args.quick, repeat)
     print_table(res)
+    print_real_table(res["real_load"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     stem = "apply_quick" if args.quick else "apply"
     n = 1

@@ -21,6 +21,11 @@ Two settings, both with the ratios pack / constant and pack / hooks:
 - warm: smart memory on, each contestant's runs back to back: the constant loader's patched model
   stays loaded between runs, while the schedule builds ΔW and restores the weights every run.
 
+Bypass mode (`mode` = bypass on both nodes): `bypass_schedule_linear` / `bypass_schedule_hold`
+against `bypass_constant` (the loader in bypass mode), run back to back in each round (order
+alternating) for 9 rounds (quick 3); the figure is the median of the per-round paired ratios of CPU
+time (goal ≤ 1.02: a schedule in bypass mode only sets the strength its hooks read).
+
 Also reported: max |latent(schedule_hold) − latent(hooks)| (same schedule, two implementations;
 0 when ComfyUI's LoKr arithmetic happens to match ours bit for bit) and max |latent(schedule constant) −
 latent(loader)| (must be 0). Medians of wall and of CPU time (process_time; torch on 1 thread,
@@ -67,10 +72,12 @@ def _graph(kind: str, seed: int, steps: int, size: int) -> dict:
     }
     model, cond = ["1", 0], ["5", 0]
     text = ", ".join(f"{p}:{s}" for p, s in KEYFRAMES)
+    mode = "bypass" if kind.startswith("bypass_") else "patch"
+    kind = kind.removeprefix("bypass_")
     if kind == "constant":
         g["2"] = {"class_type": "LoadLyCORIS", "inputs": {
             "model": model, "lora_name": FILE, "strength_model": 1.0, "strength_clip": 0.0,
-            "block_weights": ""}}
+            "block_weights": "", "mode": mode}}
         model = ["2", 0]
     elif kind.startswith("schedule"):
         interp = {"schedule_hold": "hold", "schedule_linear": "linear",
@@ -79,7 +86,7 @@ def _graph(kind: str, seed: int, steps: int, size: int) -> dict:
             "model": model, "lora_name": FILE, "strength_model": 1.0, "strength_clip": 0.0,
             "schedule": "constant" if kind == "schedule_constant" else text,
             "interpolation": interp, "timing": "sigma", "block_weights": "", "preview_steps": 0,
-            "cache_delta": True}}
+            "cache_delta": True, "mode": mode}}
         model = ["2", 0]
     elif kind == "hooks":
         g["10"] = {"class_type": "CreateHookLora", "inputs": {
@@ -139,7 +146,37 @@ def _timed(run, kinds: list[str], rounds: int, warm: bool) -> dict[str, dict[str
             for k, v in samples.items()}
 
 
-def main(quick: bool = False, steps: int | None = None, size: int | None = None) -> dict:
+BYPASS_KINDS = ["bypass_constant", "bypass_schedule_linear", "bypass_schedule_hold"]
+
+
+def _paired(run, kinds: list[str], rounds: int) -> dict:
+    """Bypass: each round runs every kind back to back (order rotating); per kind its CPU / wall
+    seconds per round, and the per-round paired ratios of CPU time against kinds[0]."""
+    import comfy.model_management as mm
+
+    saved = mm.DISABLE_SMART_MEMORY
+    mm.DISABLE_SMART_MEMORY = True
+    samples: dict[str, list[tuple[float, float]]] = {k: [] for k in kinds}
+    try:
+        for r in range(rounds):
+            for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+                w0, c0 = time.perf_counter(), time.process_time()
+                run(kind)
+                samples[kind].append((time.perf_counter() - w0, time.process_time() - c0))
+    finally:
+        mm.DISABLE_SMART_MEMORY = saved
+    ref = [c for _, c in samples[kinds[0]]]
+    out = {}
+    for k, v in samples.items():
+        ratios = [c / r for (_, c), r in zip(v, ref, strict=True)]
+        q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+        out[k] = {"cpu_s": statistics.median(c for _, c in v), "wall_s": statistics.median(w for w, _ in v),
+                  "cpu_ratio": statistics.median(ratios), "cpu_ratio_iqr": [q[0], q[2]]}
+    return out
+
+
+def main(quick: bool = False, steps: int | None = None, size: int | None = None,
+         bypass_rounds: int | None = None) -> dict:
     host = comfy_host()
     import comfy_host as host_mod  # on sys.path once the host is booted
 
@@ -148,7 +185,8 @@ def main(quick: bool = False, steps: int | None = None, size: int | None = None)
     d_steps, d_size, rounds = (4, 128, 1) if quick else (20, 512, 3)
     steps, size = steps or d_steps, size or d_size
     kinds = ["constant", "schedule_hold", "schedule_linear", "hooks"]
-    executors = {k: host_mod.Executor(host) for k in [*kinds, "schedule_constant"]}
+    extra = ["schedule_constant", *BYPASS_KINDS, "bypass_schedule_constant"]
+    executors = {k: host_mod.Executor(host) for k in [*kinds, *extra]}
     seeds = itertools.count(100)
 
     def run(kind: str, seed: int | None = None) -> torch.Tensor:
@@ -157,9 +195,10 @@ def main(quick: bool = False, steps: int | None = None, size: int | None = None)
             raise RuntimeError(f"{kind}: {res.validation_error or res.node_errors or res.execution_error}")
         return res.outputs("6")[0]["samples"]
 
-    latents = {k: run(k, seed=7) for k in [*kinds, "schedule_constant"]}  # also the warm-up
+    latents = {k: run(k, seed=7) for k in [*kinds, *extra]}  # also the warm-up
     timings = {"cold": _timed(run, kinds, rounds, warm=False),
                "warm": _timed(run, kinds, rounds, warm=True)}
+    bypass = _paired(run, BYPASS_KINDS, bypass_rounds or (3 if quick else 9))
     rows = []
     for mode, t in timings.items():
         for k in kinds[1:]:
@@ -167,13 +206,26 @@ def main(quick: bool = False, steps: int | None = None, size: int | None = None)
                 refs = {"constant": t["constant"][what],
                         **({"hooks": t["hooks"][what]} if k != "hooks" else {})}
                 rows.append(row("schedule", f"{mode}: {k}", t[k][what], refs, unit=what))
+    for k in BYPASS_KINDS[1:]:
+        b = bypass[k]
+        rows.append(row("schedule", f"bypass: {k.removeprefix('bypass_')} vs bypass constant",
+                        b["cpu_s"], {"bypass constant": bypass["bypass_constant"]["cpu_s"]},
+                        unit="cpu_s", ratios={"pack/bypass constant": b["cpu_ratio"]},
+                        ratio_quartiles=b["cpu_ratio_iqr"], goal="≤ 1.02"))
     checks = {
         "max_abs(schedule_hold - hooks)": float((latents["schedule_hold"] - latents["hooks"]).abs().max()),
         "max_abs(hooks - constant)": float((latents["hooks"] - latents["constant"]).abs().max()),
         "max_abs(schedule_constant - constant)":
             float((latents["schedule_constant"] - latents["constant"]).abs().max()),
+        "max_abs(bypass schedule_constant - bypass constant)":
+            float((latents["bypass_schedule_constant"] - latents["bypass_constant"]).abs().max()),
+        "max_abs(bypass constant - constant)":
+            float((latents["bypass_constant"] - latents["constant"]).abs().max()),
+        "max_abs(bypass schedule_hold - schedule_hold)":
+            float((latents["bypass_schedule_hold"] - latents["schedule_hold"]).abs().max()),
     }
-    return {"rows": rows, "timings": timings, "checks": checks, "steps": steps, "size": size,
+    return {"rows": rows, "timings": timings, "bypass": bypass, "checks": checks, "steps": steps,
+            "size": size,
             "rounds": rounds, "lokr_weights": n_weights, "machine": machine_info()}
 
 

@@ -256,24 +256,37 @@ def _child_main(target: str, kwargs_json: str) -> None:
 _COMFY_BASE: list[Path] = []
 
 
+def hosts_env() -> dict[str, tuple[str, str]]:
+    """{"1" | "2": (python, ComfyUI tree)} of the hosts in `.cache/hosts.env` (written by
+    scripts/bootstrap.sh); {} without the file, a host without both paths left out. The file holds
+    the paths of the checkout that last bootstrapped: the venv and the tree are taken from this
+    checkout when they are there (worktrees link the same ones)."""
+    env_file = ROOT / ".cache" / "hosts.env"
+    if not env_file.is_file():
+        return {}
+    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
+                  if "=" in line and not line.startswith("#"))
+    out = {}
+    for n in ("1", "2"):
+        py, tree = values.get(f"HOST{n}_PY", "").strip(), values.get(f"HOST{n}_DIR", "").strip()
+        if py and tree:
+            local_py = ROOT / Path(py).parent.parent.name / "bin" / Path(py).name
+            local = ROOT / ".cache" / Path(tree).name
+            out[n] = (str(local_py) if local_py.is_file() else py, str(local) if local.is_dir() else tree)
+    return out
+
+
 def select_host() -> str:
     """The ComfyUI tree the benches boot, also for their child processes (exported as
     $LYCORIS_COMFYUI_DIR): $LYCORIS_COMFYUI_DIR if set, else the host whose venv runs this
     Python (`.cache/hosts.env` of scripts/bootstrap.sh: `.venv` → 0.3.75, `.venv-host2` →
     current ComfyUI), else tests/comfy_host's default (0.3.75)."""
     chosen = os.environ.get("LYCORIS_COMFYUI_DIR")
-    env_file = ROOT / ".cache" / "hosts.env"
-    if not chosen and env_file.is_file():
-        values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
-                      if "=" in line and not line.startswith("#"))
+    if not chosen:
         here = Path(sys.prefix).resolve()
-        for n in ("1", "2"):
-            py, tree = values.get(f"HOST{n}_PY", "").strip(), values.get(f"HOST{n}_DIR", "").strip()
-            if py and tree and Path(py).parent.parent.resolve() == here:
-                # the file holds the paths of the checkout that last bootstrapped: the same
-                # tree under this checkout's .cache when it is there (worktrees share one)
-                local = ROOT / ".cache" / Path(tree).name
-                chosen = str(local) if local.is_dir() else tree
+        for py, tree in hosts_env().values():
+            if Path(py).parent.parent.resolve() == here:
+                chosen = tree
     if chosen:
         os.environ["LYCORIS_COMFYUI_DIR"] = chosen
     return chosen or str(ROOT / ".cache" / "comfyui-0.3.75")

@@ -25,7 +25,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import RESULTS_DIR, ROOT, default_clock, format_table, machine_info, row, write_json
+from .common import RESULTS_DIR, ROOT, default_clock, format_table, hosts_env, machine_info, row, write_json
 
 BENCHES: dict[str, str] = {
     "delta": "bench.bench_delta",
@@ -34,7 +34,11 @@ BENCHES: dict[str, str] = {
     "schedule": "bench.bench_schedule",
     "train": "bench.bench_train",
     "convert": "bench.bench_convert",
+    "bypass": "bench.bench_bypass",
 }
+ON_CURRENT_COMFYUI = {"bypass"}
+"""Benches that need current ComfyUI (core's bypass adapters): run with the second host's Python
+and ComfyUI from `.cache/hosts.env` (written by scripts/bootstrap.sh)."""
 CHILD_ENV: dict[str, dict[str, str]] = {
     # bench_apply reads peaks from RSS: glibc must hand large frees back to the OS at once
     "apply": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
@@ -108,6 +112,17 @@ def _apply_rows(result: dict) -> list[dict]:
                         max_abs_diff_fp16=r.get("max_abs_diff_patched_weights_fp16")))
         rows.append(row(bench, case + " — peak extra RSS", peak["ours"], {"comfyui": peak["comfy"]},
                         "MiB"))
+    for r in result.get("real_load", []):
+        b = r["best"]
+        case = f"SDXL {r['algo']} r{r['rank']}, {r['modules']} modules, fp16 base"
+        bench = "load for sampling (load_models_gpu): bypass vs patch vs ComfyUI LoraLoader"
+        refs = {"patch": b["patch"]["load_s"], "comfyui": b["comfy"]["load_s"]}
+        rows.append(row(bench, case + " — load time", b["bypass"]["load_s"], refs, "s"))
+        mib = {w: b[w]["peak_extra_bytes"] / 2**20 for w in b}
+        mib["bypass"] = r.get("bypass_goal_peak_bytes", b["bypass"]["peak_extra_bytes"]) / 2**20
+        rows.append(row(bench, case + " — peak extra RSS", mib["bypass"],
+                        {"patch": mib["patch"], "comfyui": mib["comfy"],
+                         "file + 64 MiB": r["bypass_goal_bytes"] / 2**20}, "MiB"))
     return rows
 
 
@@ -140,14 +155,33 @@ def _child(name: str, quick: bool, out: str) -> None:
     write_json(res, Path(out).stem, Path(out).parent)
 
 
+def current_comfyui() -> tuple[str, dict[str, str]] | str:
+    """(python, env) of the current-ComfyUI host from `.cache/hosts.env`, or why there is none."""
+    hosts = ROOT / ".cache" / "hosts.env"
+    if not hosts.is_file():
+        return f"{hosts} not found: run scripts/bootstrap.sh"
+    if "2" not in hosts_env():
+        skip = [line.split("=", 1)[1] for line in hosts.read_text().splitlines()
+                if line.startswith("HOST2_SKIP=")]
+        return f"no current-ComfyUI host: {(skip or ['see scripts/bootstrap.sh'])[0]}"
+    python, tree = hosts_env()["2"]
+    return python, {"LYCORIS_COMFYUI_DIR": tree}
+
+
 def run_bench(name: str, quick: bool, threads: int | None) -> dict:
     """One bench in a child process; its status, seconds, result or error."""
+    python, host_env = sys.executable, {}
+    if name in ON_CURRENT_COMFYUI:
+        host = current_comfyui()
+        if isinstance(host, str):
+            return {"status": "missing", "seconds": 0.0, "error": host}
+        python, host_env = host
     with tempfile.TemporaryDirectory(prefix="lycoris-bench-run-") as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "bench.run", "--child", name, "--out", str(out)]
+        cmd = [python, "-m", "bench.run", "--child", name, "--out", str(out)]
         cmd += ["--quick"] if quick else []
         cmd += ["--threads", str(threads)] if threads else []
-        env = {**os.environ, **CHILD_ENV.get(name, {})}
+        env = {**os.environ, **CHILD_ENV.get(name, {}), **host_env}
         t0 = time.perf_counter()
         try:
             proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=sys.stderr, stderr=sys.stderr,
@@ -189,6 +223,32 @@ def target_checks(rows: list[dict]) -> list[str]:
             b = r["ratios"].get("pack/bound")
             verdicts.append(f"bound: {'ok' if b is not None and b <= 2 else 'MISS'} {b:.2f}")
         out.append(f"{r['case']}: " + ", ".join(verdicts))
+    return out
+
+
+def bypass_checks(rows: list[dict], results: dict) -> list[str]:
+    """The bypass goals: forward overhead ≤ core per variant, schedule ≤ 1.02× constant bypass,
+    bypass load memory ≤ adapter file + 64 MiB."""
+    from .bench_bypass import BENCH as BYPASS_BENCH
+
+    out = []
+    for r in rows:
+        x = r["ratios"].get("ours/core")
+        if r["bench"] == BYPASS_BENCH:
+            if x is None or r.get("note"):
+                out.append(f"{r['case']}: n/a ({r.get('note') or 'no core figure'})")
+            else:
+                q = r.get("ratio_quartiles") or [x, x]
+                verdict = "ok" if x <= 1 else ("≈" if q[0] <= 1 else "MISS")
+                out.append(f"{r['case']}: {verdict} {x:.2f} (IQR {q[0]:.2f}–{q[1]:.2f})")
+        elif r["bench"] == "schedule" and r["case"].startswith("bypass:"):
+            x = r["ratios"]["pack/bypass constant"]
+            out.append(f"{r['case']}: {'ok' if x <= 1.02 else 'MISS'} {x:.3f} (goal ≤ 1.02)")
+    for r in ((results.get("apply") or {}).get("result") or {}).get("real_load", []):
+        peak = r.get("bypass_goal_peak_bytes", r["best"]["bypass"]["peak_extra_bytes"])
+        goal = r["bypass_goal_bytes"]
+        out.append(f"apply {r['algo']} bypass peak extra {peak / 2**20:.0f} MiB vs goal "
+                   f"{goal / 2**20:.0f} MiB (file + 64): {'ok' if peak <= goal else 'MISS'}")
     return out
 
 
@@ -238,12 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     if checks:
         print("\nΔW targets (pack ≤ lycoris, patch ≤ ComfyUI; LoKr ≤ 2× bound):")
         print("\n".join("  " + c for c in checks))
+    bchecks = bypass_checks(rows, results)
+    if bchecks:
+        print("\nbypass targets (overhead ≤ ComfyUI core's bypass; schedule ≤ 1.02×; memory):")
+        print("\n".join("  " + c for c in bchecks))
     for name, res in results.items():
         if res["status"] != "ok":
             print(f"\n{name}: {res['status']}: {res['error'].strip().splitlines()[-1]}")
     path = write_json({"machine": machine_info(), "quick": args.quick, "seconds": total,
                        "threads": args.threads, "clock": default_clock(), "benches": results, "rows": rows,
-                       "targets": checks},
+                       "targets": checks, "bypass_targets": bchecks},
                       args.name or ("quick" if args.quick else "latest"), RESULTS_DIR)
     print(f"\n{len(rows)} rows in {total:.0f} s; JSON: {path}")
     return 1 if any(r["status"] == "failed" for r in results.values()) else 0

@@ -75,6 +75,18 @@ def component_of(model_key: str, architecture: str | None = None) -> str:
     return TE_COMPONENT.get(head, head)
 
 
+PROMPT_SIDE_COMPONENTS = frozenset({"llm_adapter"})
+"""Diffusion-model components that run once per sampling on the prompt, before the first step,
+not at every model call: Anima's LLM adapter (it maps the Qwen3 text encoder's output to the DiT's
+conditioning; ComfyUI runs it while preparing the conditionings)."""
+
+
+def runs_on_prompt(model_key: str) -> bool:
+    """True when `model_key` belongs to a diffusion-model component that runs on the prompt
+    (`PROMPT_SIDE_COMPONENTS`), so a per-step strength cannot reach the output through it."""
+    return component_of(model_key) in PROMPT_SIDE_COMPONENTS
+
+
 _BLOCK_RE = re.compile(r"^diffusion_model\.(input_blocks\.\d+|output_blocks\.\d+|middle_block"
                        r"|blocks\.\d+|llm_adapter)")
 

@@ -9,7 +9,7 @@ import folder_paths
 from comfy_api.latest import io, ui
 
 from ..lycoris_core.blocks import PRESET_HELP
-from .patching import LoadResult, algo_label, apply_adapter, cache_key
+from .patching import MODES, LoadResult, algo_label, apply_adapter, cache_key
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -22,6 +22,15 @@ BLOCK_TOOLTIP = (
     "or a named preset: " + "; ".join(f"{k} ({v})" for k, v in PRESET_HELP.items()) +
     "; or only numbers: SDXL 20 (TE, IN0-8, MID, OUT0-8), SDXL 12 (LoRA block weight: BASE, IN4, "
     "IN5, IN7, IN8, MID, OUT0-5) or Anima 30 (TE, B0-27, LLM)."
+)
+MODE_TOOLTIP = (
+    "Optional (default patch; prompts and workflows saved without it keep patch mode). "
+    "patch: ΔW is added into the weights when ComfyUI loads the model (ComfyUI keeps a backup "
+    "copy of every adapted weight; a strength change patches again). bypass: the adapter runs "
+    "beside each layer at forward time, y = f(x) + strength·ΔW x, without forming ΔW: base "
+    "weights are never written and no backup is kept (low memory; fp8/fp16 weights are never "
+    "re-quantised), same result to float32 rounding. Layers bypass cannot run are patched and "
+    "listed in the report."
 )
 
 
@@ -60,11 +69,25 @@ def format_report(r: LoadResult) -> str:
     lines.append(f"strength: model {r.strength_model:g}, clip {r.strength_clip:g}; "
                  f"block weights: {r.block_weights.text or 'all 1'}")
     lines.append(f"applied: {len(r.applied)} weights")
+    lines.append(mode_line(r))
+    by_reason: dict[str, list[str]] = {}
+    for name, why in r.fallback.items():
+        by_reason.setdefault(why, []).append(name)
+    for why, names in sorted(by_reason.items()):
+        lines.append(f"patched instead of bypass: {len(names)} modules — {why}: {_listed(names)}")
     if r.zero_strength:
         lines.append(f"strength 0 (not applied): {len(r.zero_strength)} modules")
     if r.skipped_te:
         lines.append(f"text-encoder modules not applied (no CLIP connected): {len(r.skipped_te)}")
     return "\n".join(lines)
+
+
+def mode_line(r: LoadResult) -> str:
+    """The report's mode line."""
+    if r.mode != "bypass":
+        return "mode: patch (ΔW added into the weights when the model loads)"
+    return (f"mode: bypass ({len(r.bypassed)} weights applied at forward time, base weights "
+            f"untouched" + (f"; {len(r.fallback)} patched, see below)" if r.fallback else ")"))
 
 
 def _schema(node_id: str, display: str, accepts: str) -> io.Schema:
@@ -73,8 +96,9 @@ def _schema(node_id: str, display: str, accepts: str) -> io.Schema:
         display_name=display,
         category="LyCORIS/loaders",
         description=(f"Apply a {accepts} file from the loras folder to MODEL (and CLIP), computing "
-                     "ΔW in float32 on the weight's device (exact in full and low-VRAM mode), with a "
-                     "load report. SDXL (UNet, CLIP-L, CLIP-G) and Anima (DiT, llm_adapter, Qwen3)."),
+                     "ΔW in float32 on the weight's device (exact in full and low-VRAM mode), or in "
+                     "bypass mode at forward time without touching the weights, with a load "
+                     "report. SDXL (UNet, CLIP-L, CLIP-G) and Anima (DiT, llm_adapter, Qwen3)."),
         inputs=[
             io.Model.Input("model", tooltip="The diffusion model to patch (SDXL UNet or Anima DiT)."),
             io.Combo.Input("lora_name", options=folder_paths.get_filename_list("loras"),
@@ -84,6 +108,8 @@ def _schema(node_id: str, display: str, accepts: str) -> io.Schema:
             io.Float.Input("strength_clip", default=1.0, min=-100.0, max=100.0, step=0.01,
                            tooltip="Multiplier of ΔW on the text encoder(s); 0 leaves CLIP unchanged."),
             io.String.Input("block_weights", default="", tooltip=BLOCK_TOOLTIP),
+            io.Combo.Input("mode", options=list(MODES), default="patch", optional=True,
+                           tooltip=MODE_TOOLTIP),
             io.Clip.Input("clip", optional=True,
                           tooltip="Optional text encoder(s) to patch (CLIP-L + CLIP-G, or Qwen3)."),
         ],
@@ -110,7 +136,7 @@ class _LoaderBase(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, model, lora_name, strength_model, strength_clip, block_weights,
-                           clip=None):
+                           mode="patch", clip=None):
         """Re-run when the file changes on disk (mtime/size), not only when the name does."""
         try:
             return cache_key(folder_paths.get_full_path_or_raise("loras", lora_name))
@@ -119,11 +145,11 @@ class _LoaderBase(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, block_weights,
-                clip=None) -> io.NodeOutput:
+                mode="patch", clip=None) -> io.NodeOutput:
         path = folder_paths.get_full_path_or_raise("loras", lora_name)
         new_model, new_clip, result = apply_adapter(model, clip, path, strength_model, strength_clip,
                                                     block_weights, expect_algo=cls.ALGO,
-                                                    node=cls.NODE_ID)
+                                                    node=cls.NODE_ID, mode=mode)
         report = format_report(result)
         if result.unmatched or result.unused_rules:
             log.warning("%s: %s", lora_name, report.split("\n", 1)[0])

@@ -10,8 +10,8 @@ from comfy_api.latest import io, ui
 
 from ..lycoris_core.blocks import parse_block_weights
 from ..lycoris_core.schedule import INTERPOLATIONS, PRESET_HELP, parse_schedule, render_curve
-from .loaders import BLOCK_TOOLTIP
-from .patching import cache_key
+from .loaders import BLOCK_TOOLTIP, MODE_TOOLTIP
+from .patching import MODES, cache_key
 from .patching.scheduled import TIMINGS, ScheduledAdapter, plan_from_file, take_over_loader_patches
 
 log = logging.getLogger("lycoris_nodes")
@@ -49,7 +49,8 @@ class LyCORISStrengthSchedule(io.ComfyNode):
                 "strengths and a separate, constant CLIP strength. Before each model call only the "
                 "adapter's weights are set to base + strength·ΔW (ΔW built once per run in float32); "
                 "the base weights are restored after sampling. Works with every sampler, CFG and "
-                "batched conditionings. Shows the curve."),
+                "batched conditionings. Mode bypass: the adapter runs at forward time and reads the "
+                "strength at each model call, no weight is written. Shows the curve."),
             inputs=[
                 io.Model.Input("model", tooltip="The diffusion model (SDXL UNet or Anima DiT)."),
                 io.Combo.Input("lora_name", options=_loras(),
@@ -79,6 +80,10 @@ class LyCORISStrengthSchedule(io.ComfyNode):
                                          "(fastest). Off: rebuild ΔW whenever the strength changes "
                                          "and keep the base copy on the offload device (less "
                                          "memory, slower)."),
+                io.Combo.Input("mode", options=list(MODES), default="patch", optional=True,
+                               tooltip=MODE_TOOLTIP + " With a schedule, bypass reads the "
+                                       "strength at each forward: nothing is written when it "
+                                       "changes (cache_delta does not apply)."),
                 io.Clip.Input("clip", optional=True,
                               tooltip="Optional text encoder(s), patched at strength_clip."),
             ],
@@ -106,7 +111,8 @@ class LyCORISStrengthSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, schedule, interpolation,
-                timing, block_weights, preview_steps, cache_delta, clip=None) -> io.NodeOutput:
+                timing, block_weights, preview_steps, cache_delta, mode="patch",
+                clip=None) -> io.NodeOutput:
         sched = parse_schedule(schedule, interpolation)
         bw = parse_block_weights(block_weights)
         if lora_name == FROM_MODEL:
@@ -115,11 +121,23 @@ class LyCORISStrengthSchedule(io.ComfyNode):
         else:
             path = folder_paths.get_full_path_or_raise("loras", lora_name)
             entries, new_clip, _ = plan_from_file(model, clip, path, strength_model, strength_clip,
-                                                  bw, node=NODE_ID)
+                                                  bw, node=NODE_ID, mode=mode)
             new_model = model.clone() if entries else model
         if entries:
-            ScheduledAdapter(entries, sched, timing, cache_delta).attach(new_model)
-        log.info("%s %s: %d weights scheduled, %s", NODE_ID, lora_name, len(entries), sched.describe())
+            scheduled = ScheduledAdapter(entries, sched, timing, cache_delta, mode)
+            scheduled.attach(new_model)
+            for key, why in scheduled.fallback.items():
+                log.warning("%s %s: %s is scheduled by writing its weight (bypass cannot run "
+                            "it: %s)", NODE_ID, lora_name, key, why)
+            for key, why in scheduled.constant_fallback.items():
+                log.warning("%s %s: %s is patched (bypass cannot run it: %s)", NODE_ID, lora_name,
+                            key, why)
+            if scheduled.constant:
+                log.info("%s %s: %d LLM-adapter weights at constant strength (the LLM adapter runs "
+                         "once on the prompt, before the steps a schedule follows)", NODE_ID,
+                         lora_name, len(scheduled.constant))
+        log.info("%s %s: %d weights scheduled (mode %s), %s", NODE_ID, lora_name, len(entries),
+                 mode, sched.describe())
         curve = torch.from_numpy(render_curve(sched, steps=preview_steps or None))[None]
         return io.NodeOutput(new_model, new_clip, curve, ui=ui.PreviewImage(curve, cls=cls))
 

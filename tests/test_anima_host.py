@@ -100,11 +100,15 @@ def test_schedule_follows_three_keyframes_on_anima(host, executor, anima):
     assert not torch.equal(res.outputs("6")[0]["samples"], anima["latent"])
 
 
+def _loader(name: str, strength: float, block_weights: str = "", mode: str = "patch") -> dict:
+    return {"class_type": "LoadLyCORIS", "inputs": {
+        "lora_name": name, "strength_model": strength, "strength_clip": 1.0,
+        "block_weights": block_weights, "mode": mode}}
+
+
 def _constant_vs_loader(executor, anima, file: str, keys: list[str]):
     name, deltas = anima["files"][file]
-    loader = {"class_type": "LoadLyCORIS", "inputs": {
-        "lora_name": name, "strength_model": 0.7, "strength_clip": 1.0, "block_weights": ""}}
-    res_l, rec_l = run_recorded(executor, sampler_graph(loader, ",".join(keys), steps=4))
+    res_l, rec_l = run_recorded(executor, sampler_graph(_loader(name, 0.7), ",".join(keys), steps=4))
     res_s, rec_s = run_recorded(executor, sampler_graph(_schedule(name, 0.7, "constant"),
                                                         ",".join(keys), steps=4))
     for a, b in zip(rec_s, rec_l, strict=True):
@@ -121,14 +125,48 @@ def test_constant_schedule_equals_the_loader_on_anima(host, executor, anima):
 
 
 @pytest.mark.skipif(not _current(), reason="0.3.75 has no Anima LLM adapter")
-@pytest.mark.xfail(strict=True, reason="known defect, found here: Anima runs its LLM adapter on "
-                   "the prompt before the first step (ComfyUI's process_conds → extra_conds), "
-                   "before the schedule's SAMPLER_SAMPLE / CALC_COND_BATCH wrappers write the "
-                   "weights, so a scheduled file's llm_adapter modules never reach the output")
 def test_constant_schedule_equals_the_loader_on_the_llm_adapter(host, executor, anima):
-    """The same with a file that also adapts the LLM adapter: the recorded weights agree, the
-    sampler output does not (see the xfail reason; the fix belongs in nodes/patching/scheduled)."""
+    """The same with a file that also adapts the LLM adapter: equal weights at every step and the
+    same sampler output, bit for bit (the LLM adapter is patched at 0.7 like the loader does)."""
     _constant_vs_loader(executor, anima, "loha", model_keys())
+
+
+@pytest.mark.skipif(not _current(), reason="0.3.75 has no Anima LLM adapter")
+@pytest.mark.parametrize("mode", ["patch", "bypass"])
+def test_schedule_keeps_the_llm_adapter_at_strength_model(host, executor, anima, mode):
+    """Anima runs its LLM adapter once, on the prompt, before the first step: a schedule that is
+    0 at every step leaves the DiT unadapted but the LLM adapter at strength_model (0.7), so
+    the sample equals the loader's with the LLM adapter alone (`LLM_ADAPTER_ONLY`) and differs
+    from the base sample (the LLM adapter's effect is what reaches the output). Patch mode: bit
+    for bit, and the recorded weights are the loader's; bypass: within the bypass tolerance
+    relative to the adapter's effect (1.1e-3 against 1e-2; with the LLM adapter
+    left to the schedule it is 1)."""
+    name, deltas = anima["files"]["loha"]
+    node = _schedule(name, 0.7, "0:0, 1:0")
+    node["inputs"]["mode"] = mode
+    res_s, rec_s = run_recorded(executor, sampler_graph(node, ",".join(model_keys()), steps=4))
+    res_l, rec_l = run_recorded(executor, sampler_graph(_loader(name, 0.7, "LLM_ADAPTER_ONLY"),
+                                                        ",".join(model_keys()), steps=4))
+    res_b, _ = run_recorded(executor, sampler_graph(None, LLM_KEY, steps=4))
+    sample_s, sample_l = res_s.outputs("6")[0]["samples"], res_l.outputs("6")[0]["samples"]
+    base = res_b.outputs("6")[0]["samples"]
+    # the LLM adapter alone moves the sample (max 2.7e-3; equal runs are deterministic: 0)
+    assert float((sample_l - base).abs().max()) > 3e-4
+    if mode == "patch":
+        assert torch.equal(sample_s, sample_l)
+        for a, b in zip(rec_s, rec_l, strict=True):
+            for key in model_keys():
+                assert torch.equal(a[key], b[key]), key
+            assert rel_err(a[LLM_KEY].double() - anima["base"][LLM_KEY].double(),
+                           0.7 * deltas[LLM_KEY]) < TOL
+    else:
+        from test_bypass_host import TOL as BYPASS_TOL
+        from test_bypass_host import ratio
+
+        assert ratio(base, sample_l, sample_s) < BYPASS_TOL
+        for rec in rec_s:  # bypass writes no weight
+            for key in model_keys():
+                assert torch.equal(rec[key], anima["base"][key]), key
 
 
 def test_merged_anima_file_loads_in_comfyui_exactly(host, executor, anima):

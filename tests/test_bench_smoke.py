@@ -91,6 +91,69 @@ def test_apply_result_becomes_rows():
     assert rows[1]["ratios"]["pack/comfyui"] == pytest.approx(1 / 3)
 
 
+def test_bypass_bench_runs_every_variant(host):
+    """The per-layer bypass bench on toy shapes (current ComfyUI: core's bypass adapters): ours
+    equals W + ΔW, core is timed where it works, its LoKr Tucker failure and its DoRA omission are
+    reported, and the LoHa strategy check runs."""
+    import comfy_host
+
+    from bench import bench_bypass as bb
+
+    if not comfy_host.at_least("0.28"):
+        pytest.skip("ComfyUI 0.3.75 has no bypass adapters to compare with")
+    toy = [bb.Case("loha", (48, 40), 64, "loha", rank=4), bb.Case("lokr", (48, 40), 64, "lokr", rank=4),
+           bb.Case("loha tucker", (16, 12, 3, 3), 64, "loha", rank=2, layout="tucker"),
+           bb.Case("lokr tucker", (16, 12, 3, 3), 64, "lokr", rank=2, layout="tucker"),
+           bb.Case("loha dora", (48, 40), 64, "loha", rank=4, dora=True),
+           bb.Case("lora conv", (16, 12, 3, 3), 64, "lora", rank=4)]
+    rows = {r["case"]: r for r in (bb.run_case(host, c, repeats=1, target_s=0.0) for c in toy)}
+    for name, r in rows.items():
+        assert r["ours_error"] < bb.TOL and r["pack"] > 0 and r["layer_ms"] > 0, name
+    for name in ("loha", "lokr", "loha tucker", "lora conv"):
+        assert rows[name]["ratios"]["ours/core"] > 0 and not rows[name]["note"], name
+        assert rows[name]["core_error"] < 1e-2
+    assert "core fails" in rows["lokr tucker"]["note"] and rows["lokr tucker"]["refs"]["core"] is None
+    assert "core differs" in rows["loha dora"]["note"]  # core's bypass ignores dora_scale
+    strat = bb.run_strategy((48, 40), 4, 64, repeats=1, target_s=0.0)
+    assert strat["chosen"] in ("khatri_rao", "dense") and strat["ratios"]["khatri_rao/dense"] > 0
+    checks = run.bypass_checks(list(rows.values()), {})
+    assert len(checks) == len(rows) and any("n/a" in c for c in checks)
+
+
+def test_bypass_bench_rejects_a_wrong_pack(host, monkeypatch):
+    """A fast wrong bypass cannot be timed: Kronecker halves swapped → the check against W + ΔW."""
+    import comfy_host
+    import torch
+
+    from bench import bench_bypass as bb
+
+    if not comfy_host.at_least("0.28"):
+        pytest.skip("ComfyUI 0.3.75 has no bypass adapters to compare with")
+    monkeypatch.setattr(lokr_algo, "rebuild_w1", lambda f: torch.zeros_like(lokr_algo._half(
+        f.w1, f.w1_a, f.w1_b, f.t1)))
+    with pytest.raises(AssertionError, match="disagrees"):
+        bb.run_case(host, bb.Case("lokr", (48, 40), 64, "lokr", rank=4), repeats=1, target_s=0.0)
+
+
+def test_bypass_runner_pieces(tmp_path, monkeypatch):
+    """bench.run: the bypass bench runs on the current-ComfyUI host named in .cache/hosts.env;
+    the real-load part of bench_apply and the schedule's bypass rows become target lines."""
+    host = run.current_comfyui()
+    assert isinstance(host, str) or (host[0].endswith("python") and "LYCORIS_COMFYUI_DIR" in host[1])
+    real = [{"algo": "lokr", "rank": 16, "modules": 788, "bypass_goal_bytes": 100 << 20,
+             "best": {w: {"load_s": t, "load_cpu_s": t, "peak_extra_bytes": m << 20}
+                      for w, t, m in (("comfy", 4.0, 5000), ("patch", 3.0, 4900), ("bypass", 0.2, 40))}}]
+    rows = run._rows_of("apply", {"results": [], "real_load": real})
+    assert [r["unit"] for r in rows] == ["s", "MiB"]
+    assert rows[0]["ratios"]["pack/patch"] == pytest.approx(0.2 / 3.0)
+    sched = common.row("schedule", "bypass: schedule_linear vs bypass constant", 1.0,
+                       {"bypass constant": 1.0}, unit="cpu_s",
+                       ratios={"pack/bypass constant": 1.01})
+    checks = run.bypass_checks([*rows, sched], {"apply": {"result": {"real_load": real}}})
+    assert any("goal ≤ 1.02" in c and "ok" in c for c in checks)
+    assert any("apply lokr bypass peak extra 40 MiB" in c and c.endswith("ok") for c in checks)
+
+
 def test_train_paired_result_becomes_rows():
     """bench_train's paired rounds: one step-time row per contestant, the paired median ratio
     (not the ratio of medians) kept, and Anima rows say what ComfyUI's own trainer does there."""

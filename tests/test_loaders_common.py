@@ -33,8 +33,9 @@ def install_golden(host, fixtures: Path, case: str) -> str:
 
 def sampler_graph(kind: str, loader: str | None, lora_name: str = "", strength_model: float = 1.0,
                   strength_clip: float = 1.0, block_weights: str = "", record: str = "",
-                  seed: int = 0) -> dict:
-    """Model → [loader] → recorder → KSampler (SDXL kinds: conditioning from the model's CLIP)."""
+                  seed: int = 0, mode: str | None = None) -> dict:
+    """Model → [loader] → recorder → KSampler (SDXL kinds: conditioning from the model's CLIP);
+    `mode` ("patch" / "bypass") is set on the pack's loaders when given."""
     g = {
         "1": {"class_type": "LycorisTestModel", "inputs": {"kind": kind, "seed": seed}},
         "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64,
@@ -47,6 +48,8 @@ def sampler_graph(kind: str, loader: str | None, lora_name: str = "", strength_m
             "strength_clip": strength_clip}}
         if loader != "LoraLoader":
             g["2"]["inputs"]["block_weights"] = block_weights
+            if mode is not None:
+                g["2"]["inputs"]["mode"] = mode
         model, clip = ["2", 0], ["2", 1]
     g["4"] = {"class_type": "LycorisTestRecorder", "inputs": {"model": model, "keys": record}}
     g["5"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a cat", "clip": clip}}

@@ -57,6 +57,23 @@ def test_stale_workflow_is_refused(host):
         ui_to_api(wf, _classes(host))
 
 
+@pytest.mark.parametrize("name", ["lycoris_load", "lycoris_strength_schedule"])
+def test_workflow_saved_before_the_mode_input_still_validates(host, user_files, name):
+    """A workflow saved before the loaders / schedule had `mode` (one widget value fewer) loads
+    with the default, as the frontend fills a newer widget: patch mode, as before."""
+    wf = json.loads((EXAMPLES / f"{name}.json").read_text())
+    ours = [n for n in wf["nodes"] if n["type"] in ("LoadLoHa", "LoadLoKr", "LoadLyCORIS",
+                                                   "LyCORISStrengthSchedule")]
+    for node in ours:
+        assert node["widgets_values"].pop() in ("patch", "bypass")
+    with pytest.raises(ValueError, match="no widget value for 'mode'"):
+        ui_to_api(wf, _classes(host))
+    prompt = ui_to_api(wf, _classes(host), fill_defaults=True)
+    assert all(prompt[str(n["id"])]["inputs"]["mode"] == "patch" for n in ours)
+    valid = asyncio.run(host.execution.validate_prompt(str(uuid.uuid4()), prompt, None))
+    assert valid[0], (valid[1], valid[3])
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_validates_in_comfyui(host, user_files, name):
     prompt = load_example(name, _classes(host))

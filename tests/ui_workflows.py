@@ -5,6 +5,8 @@ The conversion follows the frontend's rules: `widgets_values` hold one value per
 the order of the node's input spec (required, then optional); an INT `seed`/`noise_seed` (or any
 input with `control_after_generate`) is followed by its control value, an `image_upload` combo by
 its upload widget's value; an input with a link takes the linked output instead of its widget value.
+With `fill_defaults`, a widget added to a node after the workflow was saved (no value left for it)
+keeps its default, as the frontend does when it loads such a workflow.
 """
 
 from __future__ import annotations
@@ -52,8 +54,9 @@ def _extra_values(name: str, spec: list) -> int:
     return 1 if opts.get("image_upload") else 0
 
 
-def ui_to_api(workflow: dict, node_classes: dict) -> dict:
-    """API prompt {id: {class_type, inputs}} of a UI workflow; raises ValueError if it is stale."""
+def ui_to_api(workflow: dict, node_classes: dict, fill_defaults: bool = False) -> dict:
+    """API prompt {id: {class_type, inputs}} of a UI workflow; raises ValueError if it is stale
+    (with `fill_defaults`, missing trailing widget values take the widgets' defaults)."""
     links = {link[0]: link for link in workflow.get("links", [])}
     prompt: dict[str, dict] = {}
     for node in workflow["nodes"]:
@@ -67,10 +70,14 @@ def ui_to_api(workflow: dict, node_classes: dict) -> dict:
         inputs: dict = {}
         for name, spec in input_spec(node_classes[kind]):
             if _is_widget(spec):
-                if not values:
+                opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if values:
+                    inputs[name] = values.pop(0)
+                    del values[:_extra_values(name, spec)]
+                elif fill_defaults and "default" in opts:  # a newer widget than the workflow
+                    inputs[name] = opts["default"]
+                else:
                     raise ValueError(f"node {nid} ({kind}): no widget value for {name!r}")
-                inputs[name] = values.pop(0)
-                del values[:_extra_values(name, spec)]
             if name in linked:
                 link = linked.pop(name)
                 inputs[name] = [str(link[1]), link[2]]

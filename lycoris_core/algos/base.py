@@ -15,7 +15,8 @@ from typing import ClassVar, Protocol
 import torch
 
 from ..errors import AdapterError
-from .dora import apply_dora
+from .dora import apply_dora, dora_axis, magnitude_ratio
+from .layer import LayerGeometry
 
 
 class TensorSource(Protocol):
@@ -39,9 +40,10 @@ class TensorRef:
         return len(self.shape)
 
     def load(self, device: str | torch.device = "cpu",
-             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+             dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
+        """The tensor on `device`, cast to `dtype` (None: as stored), checked finite."""
         t = self.source.get(self.key, device=device)
-        if t.is_floating_point() or dtype.is_floating_point:
+        if dtype is not None and (t.is_floating_point() or dtype.is_floating_point):
             t = t.to(dtype)
         if t.is_floating_point() and not all_finite(t):
             raise AdapterError("tensor holds NaN or Inf values", file=self.source.path, key=self.key)
@@ -100,6 +102,8 @@ class AdapterModule:
     # staticmethods: diff_weight(factors, scale) → ΔW; max_abs_bound(factors) → bound at scale 1
     diff_weight: ClassVar[Callable[..., torch.Tensor]]
     max_abs_bound: ClassVar[Callable[..., float]]
+    bypass_diff: ClassVar[Callable[..., torch.Tensor]]
+    """bypass_diff(x, factors, layer, scale) → scale · ΔW x without forming ΔW (`LayerGeometry`)."""
 
     def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
         """scale · ΔW in `natural_shape` from loaded factors (the scale goes on a factor)."""
@@ -220,6 +224,49 @@ class AdapterModule:
             raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
                                "large", file=self.path, key=self._first_key())
         return dw.to(dtype)
+
+
+    # --- bypass: ΔW applied to activations at forward time -------------------------------------
+    def dora_on_output_axis(self, shape: tuple[int, ...]) -> bool:
+        """Whether this module's DoRA (if any) rescales output rows (the LyCORIS default; bypass
+        applies it exactly) rather than input channels (`dora_scale` (1, I))."""
+        return self.dora_ref is None or dora_axis(self.dora_ref.load("cpu", None), shape) == 0
+
+    def dora_output_scale(self, base: torch.Tensor) -> torch.Tensor:
+        """v (O,) = dora_scale / (‖W0 + ΔW‖ + eps) per output row, in float32 (float64 for a float64
+        base) on base's device: output-axis DoRA gives W' = v·(W0 + ΔW). One ΔW is built (as the
+        patch path does); raises like `delta()` when ΔW overflows."""
+        if self.dora_ref is None:
+            raise ValueError(f"module '{self.name}' has no dora_scale")
+        shape = tuple(base.shape)
+        if not self.dora_on_output_axis(shape):
+            raise AdapterError(f"module '{self.name}': dora_scale {list(self.dora_ref.shape)} is "
+                               "per input channel; only output-row DoRA has an output scale",
+                               file=self.path, key=self.dora_ref.key)
+        cdt = compute_dtype(base.dtype)
+        factors = self.factors(base.device, cdt)
+        w = self._diff_of(factors, self.scale).reshape(self.resolved_shape(shape))
+        w += base.to(cdt)
+        v = magnitude_ratio(w, self.dora_ref.load(base.device, cdt)).reshape(-1)
+        if not (all_finite(w) and all_finite(v)):
+            raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
+                               "large", file=self.path, key=self._first_key())
+        return v
+
+    def check_delta_finite(self, shape: tuple[int, ...] | None = None) -> None:
+        """Raise the `AdapterError` that `delta()` raises when ΔW overflows float32 — only built
+        when the factors' magnitude bound says it could (bypass never builds ΔW otherwise)."""
+        if self.delta_may_overflow(self.factors("cpu", torch.float32)):
+            if not all_finite(self.raw_delta(torch.float32, shape=shape)):
+                raise AdapterError(f"module '{self.name}': ΔW overflows float32 (NaN or Inf)",
+                                   file=self.path, key=self.name)
+
+    def bypass_plan(self, layer: LayerGeometry, dora_scale: torch.Tensor | None = None):
+        """A `bypass.BypassPlan` applying this module to `layer` at forward time; pass the
+        output-axis DoRA scale `dora_output_scale(W0)` for a DoRA module."""
+        from .bypass import BypassPlan
+
+        return BypassPlan(self, layer, dora_scale)
 
 
 ModuleFactory = Callable[..., AdapterModule]

@@ -15,6 +15,7 @@ import torch
 from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
+from .layer import LayerGeometry
 
 
 @dataclass
@@ -103,6 +104,98 @@ def diff_weight(f: LoHaFactors, scale: float = 1.0) -> torch.Tensor:
     return hadamard_of_products(*flat, scale)
 
 
+# --- applying ΔW to activations without forming it (bypass) ------------------------------------
+
+def khatri_rao(a1: torch.Tensor, a2: torch.Tensor) -> torch.Tensor:
+    """Row-wise Khatri–Rao product: a1 (N, R1), a2 (N, R2) → (N, R1·R2), row n = a1[n] ⊗ a2[n].
+
+    (a1 @ b1) ⊙ (a2 @ b2) = khatri_rao(a1, a2) @ khatri_rao(b1ᵀ, b2ᵀ)ᵀ: a rank-R1·R2 product."""
+    return (a1.unsqueeze(2) * a2.unsqueeze(1)).reshape(a1.shape[0], -1)
+
+
+STRATEGIES = ("khatri_rao", "dense")
+DENSE_BLOCK_ELEMENTS = 1 << 22
+"""The dense strategy builds ΔW in blocks of output rows of at most this many values (16 MiB)."""
+ELEMENTWISE_COST = 4.0
+"""Cost of one element-wise pass (Hadamard product) in multiply-adds of a large GEMM: such passes
+are memory-bound. Measured in bench/bench_bypass.py (`loha strategy` cases)."""
+
+
+def strategy_costs(f: LoHaFactors, layer: LayerGeometry, n_in: int, n_out: int) -> dict[str, float]:
+    """Estimated multiply-adds of each LoHa bypass strategy for `n_in` input / `n_out` output
+    positions (tokens; batch × spatial for convs).
+
+    khatri_rao: x through the rank-R1·R2 factors (Tucker: pointwise B, the R1·R2-square core with
+    the kernel, pointwise A). dense: ΔW built (row blocks), then one op of the layer's size."""
+    o, k = layer.out_features, layer.kernel_numel
+    i = layer.in_features
+    if f.t1 is not None and f.t2 is not None:
+        ra, rb = f.t1.shape[0] * f.t2.shape[0], f.t1.shape[1] * f.t2.shape[1]
+        build_kr = ra * o + rb * i + ra * rb * k
+        kr = build_kr + n_in * rb * i + n_out * ra * rb * k + n_out * ra * o
+        build_dense = 2 * (f.t1.shape[0] * f.t1.shape[1] * k * i + o * f.t1.shape[0] * i * k)
+    else:
+        r = f.w1_b.shape[0] * f.w2_b.shape[0]
+        kr = r * (i * k + o) + n_out * r * (i * k + o)
+        build_dense = o * i * k * (f.w1_b.shape[0] + f.w2_b.shape[0])
+    dense = build_dense + ELEMENTWISE_COST * o * i * k + n_out * o * i * k
+    return {"khatri_rao": float(kr), "dense": float(dense)}
+
+
+def choose_strategy(f: LoHaFactors, layer: LayerGeometry, n_in: int, n_out: int) -> str:
+    """The cheaper of `STRATEGIES` for this layer and token count (`strategy_costs`)."""
+    costs = strategy_costs(f, layer, n_in, n_out)
+    return min(STRATEGIES, key=costs.__getitem__)
+
+
+def bypass_diff(x: torch.Tensor, f: LoHaFactors, layer: LayerGeometry, scale: float = 1.0,
+                strategy: str | None = None) -> torch.Tensor:
+    """scale · ΔW x for x in the layer's input layout (Linear (..., I); conv (B, I, *spatial)).
+
+    `strategy` (default: the cheaper by `choose_strategy`):
+    - khatri_rao: ΔW = A_kr B_krᵀ with A_kr (O, R1·R2), B_kr (I·k…, R1·R2) (SPEC §5b); x goes
+      through B_kr with the layer's kernel, then A_kr pointwise. Tucker: the core is
+      t1 ⊗ t2 per kernel position, (R1·R2, R1'·R2', *k), between two pointwise steps.
+    - dense: ΔW in blocks of output rows (at most `DENSE_BLOCK_ELEMENTS` values), each applied
+      with the layer's own op; no ΔW-sized buffer beyond one block.
+    """
+    if strategy is None:
+        strategy = choose_strategy(f, layer, layer.positions(x), layer.output_positions(x))
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown LoHa bypass strategy {strategy!r}; expected one of {STRATEGIES}")
+    tucker = f.t1 is not None and f.t2 is not None
+    if strategy == "khatri_rao":
+        if tucker:
+            a = khatri_rao(f.w1_a.transpose(0, 1), f.w2_a.transpose(0, 1))
+            b = khatri_rao(f.w1_b.transpose(0, 1), f.w2_b.transpose(0, 1)).transpose(0, 1)
+            core = (f.t1.unsqueeze(1).unsqueeze(3) * f.t2.unsqueeze(0).unsqueeze(2))
+            core = core.reshape(a.shape[1], b.shape[0], *f.t1.shape[2:])
+            h = layer.kernel_op(layer.pointwise(x, b), core)
+        else:
+            a = khatri_rao(f.w1_a.reshape(f.w1_a.shape[0], -1), f.w2_a.reshape(f.w2_a.shape[0], -1))
+            b1, b2 = (w.reshape(w.shape[0], -1) for w in (f.w1_b, f.w2_b))
+            b = (b1.unsqueeze(1) * b2.unsqueeze(0)).reshape(-1, b1.shape[1])
+            h = layer.kernel_op(x, b)
+        return layer.pointwise(h, a * scale if scale != 1.0 else a)
+    if tucker:
+        return layer.kernel_op(x, diff_weight(f, scale))
+    b1, b2 = (w.reshape(w.shape[0], -1) for w in (f.w1_b, f.w2_b))
+    a1, a2 = (w.reshape(w.shape[0], -1) for w in (f.w1_a, f.w2_a))
+    rows = max(1, DENSE_BLOCK_ELEMENTS // max(1, b1.shape[1]))
+    if rows >= a1.shape[0]:
+        return layer.kernel_op(x, hadamard_of_products(a1, b1, a2, b2, scale))
+    out = None
+    for r0 in range(0, a1.shape[0], rows):
+        r1 = min(a1.shape[0], r0 + rows)
+        part = layer.kernel_op(x, hadamard_of_products(a1[r0:r1], b1, a2[r0:r1], b2, scale))
+        if out is None:
+            shape = list(part.shape)
+            shape[layer.channel_dim] = a1.shape[0]
+            out = part.new_empty(shape)
+        out.narrow(layer.channel_dim, r0, r1 - r0).copy_(part)
+    return out
+
+
 def max_abs_bound(f: LoHaFactors, scale: float = 1.0) -> float:
     """An upper bound of max |ΔW| from the factors alone (cheap: no pass over ΔW)."""
     if f.t1 is not None and f.t2 is not None:
@@ -116,6 +209,7 @@ class LoHaModule(AdapterModule):
     algo = "loha"
     diff_weight = staticmethod(diff_weight)
     max_abs_bound = staticmethod(max_abs_bound)
+    bypass_diff = staticmethod(bypass_diff)
     tensor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
     hada_w1_a: TensorRef | None = None

@@ -3,7 +3,7 @@
 W1 (a, c) is `lokr_w1` or `lokr_w1_a (a,R) @ lokr_w1_b (R,c)`; W2 (b, d[, k, k]) is `lokr_w2`,
 `lokr_w2_a (b,R) @ lokr_w2_b (R, d[·k·k])`, or Tucker `t2 (R,R,k,k)` with `w2_a (R,b)`,
 `w2_b (R,d)`. With O = a·b and I = c·d. Scale is alpha / R, and 1 when both halves are full.
-Applying LoKr never needs ΔW: `kron(W1, W2) x = vec(W2 · X · W1ᵀ)` (see `bypass_linear`).
+Applying LoKr never needs ΔW: `kron(W1, W2) x = vec(W1 · X · W2ᵀ)` (see `bypass_diff`).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import torch
 from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
+from .layer import LayerGeometry
 from .loha import magnitude_bound, needs_grad, rebuild_tucker
 
 
@@ -122,17 +123,60 @@ def max_abs_bound(f: LoKrFactors, scale: float = 1.0) -> float:
     return magnitude_bound(scale, n1 * n2, *ts1, *ts2)
 
 
-def bypass_linear(x: torch.Tensor, f: LoKrFactors, scale: float = 1.0) -> torch.Tensor:
-    """ΔW x for a Linear layer without building ΔW: x (..., c·d) → (..., a·b).
+def bypass_diff(x: torch.Tensor, f: LoKrFactors, layer: LayerGeometry,
+                scale: float = 1.0) -> torch.Tensor:
+    """scale · (W1 ⊗ W2) x without forming the Kronecker product (SPEC §3 cost note).
 
-    With X = x reshaped to (c, d): (W1 ⊗ W2) vec(X) = vec(W1 · X · W2ᵀ) in row-major order.
+    Linear, x (..., c·d) seen as X (n, c, d): (W1 ⊗ W2) vec(X) = vec(W1 · X · W2ᵀ), two products
+    in the cheaper order (one is a single large GEMM over the d axis, the other a batch over n).
+    Conv, x (B, c·d, *spatial): the c groups of d channels go through W2 (b, d, *k) with the
+    layer's kernel as a batch of B·c, then W1 mixes the groups: (B, a·b, *spatial'). (A file
+    whose W1 does not split the input channels gets the Kronecker product applied as a weight.)
+    W2 is rebuilt from its factors (full, a @ b, or Tucker: small) and the scale goes on the
+    smaller half.
     """
     w1, w2 = rebuild_w1(f), rebuild_w2(f)
-    (a, c), (b, d) = w1.shape, w2.shape
-    h = x.reshape(*x.shape[:-1], c, d)
-    y = torch.matmul(torch.matmul(w1, h), w2.transpose(0, 1))
-    y = y.reshape(*x.shape[:-1], a * b)
-    return y * scale if scale != 1.0 else y
+    if scale != 1.0:
+        if w1.numel() <= w2.numel():
+            w1 = w1 * scale
+        else:
+            w2 = w2 * scale
+    (a, c), b = w1.shape[:2], w2.shape[0]
+    w1 = w1.reshape(a, c)
+    if layer.conv:
+        d = layer.in_features // c
+        if d * c != layer.in_features or w2[0].numel() != d * layer.kernel_numel:
+            # W1's columns do not split the input channels (a flat ΔW factorised across the
+            # kernel): not a grouped convolution, so apply the Kronecker product itself
+            return layer.kernel_op(x, kron(w1, w2.reshape(b, -1)))
+        batch, spatial = x.shape[0], x.shape[2:]
+        h = layer.kernel_op(x.reshape(batch * c, d, *spatial), w2.reshape(b, d, *layer.kernel))
+        out_spatial = h.shape[2:]
+        z = torch.matmul(w1, h.reshape(batch, c, -1))
+        return z.reshape(batch, a * b, *out_spatial)
+    w2 = w2.reshape(b, -1)
+    d = w2.shape[1]
+    lead = x.shape[:-1]
+    n = x.numel() // (c * d)
+    xs = x.reshape(n, c, d)
+    if c * b * (d + a) <= a * d * (c + b):  # W2 over d first, then W1 over c
+        y = torch.matmul(xs.reshape(n * c, d), w2.transpose(0, 1)).reshape(n, c, b)
+        z = torch.matmul(w1, y)
+    else:  # W1 over c first, then W2 over d
+        y = torch.matmul(w1, xs)
+        z = torch.matmul(y.reshape(n * a, d), w2.transpose(0, 1))
+    return z.reshape(*lead, a * b)
+
+
+def bypass_linear(x: torch.Tensor, f: LoKrFactors, scale: float = 1.0) -> torch.Tensor:
+    """ΔW x for a Linear layer without building ΔW: x (..., c·d) → (..., a·b) (`bypass_diff`)."""
+    w1_shape, w2_shape = _half_shape(f.w1, f.w1_a, f.w1_b), _half_shape(f.w2, f.w2_a, f.w2_b)
+    layer = LayerGeometry.linear(w1_shape[0] * w2_shape[0], w1_shape[1] * w2_shape[1])
+    return bypass_diff(x, f, layer, scale)
+
+
+def _half_shape(full, a, b) -> tuple[int, int]:
+    return tuple(full.shape[:2]) if full is not None else (a.shape[0], b.shape[1])
 
 
 @dataclass
@@ -140,6 +184,7 @@ class LoKrModule(AdapterModule):
     algo = "lokr"
     diff_weight = staticmethod(diff_weight)
     max_abs_bound = staticmethod(max_abs_bound)
+    bypass_diff = staticmethod(bypass_diff)
     tensor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1",
                     "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 

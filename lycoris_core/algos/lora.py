@@ -13,6 +13,7 @@ import torch
 from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
+from .layer import LayerGeometry
 from .loha import magnitude_bound, needs_grad, tucker_inner
 
 
@@ -43,6 +44,21 @@ def diff_weight(f: LoRAFactors, scale: float = 1.0) -> torch.Tensor:
     return out
 
 
+def bypass_diff(x: torch.Tensor, f: LoRAFactors, layer: LayerGeometry,
+                scale: float = 1.0) -> torch.Tensor:
+    """scale · ΔW x without ΔW: `down` with the layer's kernel (Tucker: `down` pointwise, then
+    `mid` with the kernel), then `up` pointwise (the scale goes on `up`)."""
+    up = f.up.reshape(f.up.shape[0], -1)
+    if scale != 1.0:
+        up = up * scale
+    down = f.down.reshape(f.down.shape[0], -1)
+    if f.mid is not None:
+        h = layer.kernel_op(layer.pointwise(x, down), f.mid)
+    else:
+        h = layer.kernel_op(x, down)
+    return layer.pointwise(h, up)
+
+
 def max_abs_bound(f: LoRAFactors, scale: float = 1.0) -> float:
     """An upper bound of max |ΔW| from the factors alone (cheap: no pass over ΔW)."""
     rank = math.prod(f.up.shape[1:])
@@ -56,6 +72,7 @@ class LoRAModule(AdapterModule):
     algo = "lora"
     diff_weight = staticmethod(diff_weight)
     max_abs_bound = staticmethod(max_abs_bound)
+    bypass_diff = staticmethod(bypass_diff)
     tensor_names = ("lora_up", "lora_down", "lora_mid")
 
     lora_up: TensorRef | None = None

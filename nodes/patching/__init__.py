@@ -4,8 +4,10 @@
   training output, merges); the load report and the adapter cache.
 - `scheduled`: strength changing over sampling steps (LyCORISStrengthSchedule), built on the
   static patch arithmetic.
+- `bypass`: modules applied at forward time by hooks (mode "bypass"): no weight is written.
 """
 
+from .bypass import MODES, BypassInjection, injections_of
 from .static import (
     LoadResult,
     LycorisPatch,
@@ -17,5 +19,5 @@ from .static import (
     delta_row_blocks,
 )
 
-__all__ = ["LoadResult", "LycorisPatch", "algo_label", "apply_adapter", "cache_key",
-           "cached_adapter", "clear_cache", "delta_row_blocks"]
+__all__ = ["MODES", "BypassInjection", "LoadResult", "LycorisPatch", "algo_label", "apply_adapter",
+           "cache_key", "cached_adapter", "clear_cache", "delta_row_blocks", "injections_of"]

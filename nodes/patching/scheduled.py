@@ -18,6 +18,16 @@ Several scheduled adapters on one model share one run per sampling (`_ACTIVE`), 
 both touch get `W_base + Σ sᵢ·ΔWᵢ`. Extra memory during sampling: W_base (weight dtype) and ΔW
 (float32) of the adapted weights; `cache_delta=False` keeps only W_base (on the offload device)
 and rebuilds ΔW in row blocks whenever the strength changes.
+
+Weights of components that run once on the prompt before the first step (Anima's LLM adapter,
+`keymap.runs_on_prompt`) are not scheduled: no per-step strength could reach the output through
+them. They get their constant strength (strength_model × block weight), patched as the loader
+patches them (or in bypass mode hooked at that strength), like the CLIP at strength_clip.
+
+Mode "bypass": the adapter runs at forward time (`bypass.BypassInjection`) and CALC_COND_BATCH
+only sets the strength its hooks read (`Strength.value`, 0 outside sampling, like the weights
+above); no weight is snapshot, written or restored. Modules bypass cannot run are scheduled as
+above.
 """
 
 from __future__ import annotations
@@ -36,8 +46,18 @@ import torch
 from ...lycoris_core import AdapterError
 from ...lycoris_core.algos import AdapterModule
 from ...lycoris_core.blocks import BlockWeights
+from ...lycoris_core.keymap import runs_on_prompt
 from ...lycoris_core.schedule import Schedule, percent_along_sigmas
-from .static import LycorisPatch, _add_rows, _identity, apply_adapter, cached_adapter, delta_row_blocks
+from .bypass import BypassInjection, Strength, bypass_plan, injections_of
+from .static import (
+    LycorisPatch,
+    _add_rows,
+    _identity,
+    add_lycoris_patches,
+    apply_adapter,
+    cached_adapter,
+    delta_row_blocks,
+)
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -57,10 +77,46 @@ class ScheduledAdapter:
     schedule: Schedule
     timing: str = "steps"
     cache_delta: bool = True
+    mode: str = "patch"
     _sigma_cache: tuple[object, dict[float, float]] = field(default=(None, {}), repr=False)
+    bypass: BypassInjection | None = field(default=None, init=False)
+    fallback: dict[str, str] = field(default_factory=dict, init=False)
+    """Bypass mode: {key: reason} of the weights scheduled by writing them instead."""
+    constant: dict[str, tuple[AdapterModule, float]] = field(default_factory=dict, init=False)
+    """The entries that run once on the prompt before the first step (Anima's LLM adapter,
+    `keymap.runs_on_prompt`): a per-step strength cannot reach the output through them, so they
+    are applied at their own strength (strength_model × block weight) for the whole run, as the
+    loader does (and as the CLIP gets strength_clip). Taken out of `entries`."""
+    constant_fallback: dict[str, str] = field(default_factory=dict, init=False)
+    """Bypass mode: {key: reason} of the constant entries patched instead."""
+
+    def __post_init__(self) -> None:
+        self.constant = {k: e for k, e in self.entries.items() if runs_on_prompt(k)}
+        if self.constant:
+            self.entries = {k: e for k, e in self.entries.items() if k not in self.constant}
+
+    @property
+    def weight_entries(self) -> dict[str, tuple[AdapterModule, float]]:
+        """The entries whose weights are written per strength (all of them in patch mode)."""
+        if self.bypass is None:
+            return self.entries
+        return {k: self.entries[k] for k in self.fallback}
 
     def attach(self, patcher) -> None:
-        """Register the wrappers on `patcher` (a ModelPatcher clone owned by the caller)."""
+        """Register the wrappers (and in bypass mode the injection) on `patcher`, a ModelPatcher
+        clone owned by the caller."""
+        constant = self.constant
+        if self.mode == "bypass":
+            layers, self.fallback = bypass_plan(patcher, self.entries)
+            if layers:
+                self.bypass = BypassInjection(layers, Strength(0.0), scheduled=True)
+                self.bypass.attach(patcher)
+            if constant:
+                layers, self.constant_fallback = bypass_plan(patcher, constant)
+                if layers:
+                    BypassInjection(layers).attach(patcher)
+                constant = {k: constant[k] for k in self.constant_fallback}
+        add_lycoris_patches(patcher, constant)
         wm = comfy.patcher_extension.WrappersMP
         patcher.add_wrapper_with_key(wm.SAMPLER_SAMPLE, WRAPPER_KEY, self._sampler_sample)
         patcher.add_wrapper_with_key(wm.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
@@ -193,7 +249,7 @@ class _Run:
 
     def add(self, adapter: ScheduledAdapter) -> None:
         self.adapters.append(adapter)
-        for key, (module, strength) in adapter.entries.items():
+        for key, (module, strength) in adapter.weight_entries.items():
             w = self.weights.get(key)
             if w is None:
                 param, set_func, convert_func = comfy.model_patcher.get_key_weight(self.model, key)
@@ -209,12 +265,18 @@ class _Run:
             return
         self.last_sigma = sigma
         factors = {id(a): a.factor(sigma, self) for a in self.adapters}
+        for a in self.adapters:
+            if a.bypass is not None:
+                a.bypass.holder.value = factors[id(a)]
         for w in self.weights.values():
             strengths = tuple(t.strength * factors[id(t.adapter)] for t in w.terms)
             if strengths != w.current:
                 w.write(strengths)
 
     def restore(self) -> None:
+        for a in self.adapters:
+            if a.bypass is not None:
+                a.bypass.holder.value = 0.0
         for w in self.weights.values():
             w.restore()
 
@@ -228,14 +290,15 @@ _ACTIVE: dict[int, _Run] = {}
 # --------------------------------------------------------------------------------------------
 
 def plan_from_file(model, clip, path: str, strength_model: float, strength_clip: float,
-                   block_weights: str | BlockWeights, node: str):
+                   block_weights: str | BlockWeights, node: str, mode: str = "patch"):
     """Resolve and check `path` exactly as the loader does (same errors, same per-key strengths).
 
     Returns (entries {diffusion-model key: (module, strength_model × block multiplier)}, CLIP
-    patched statically at strength_clip (text encoding happens once, before sampling), LoadResult).
+    applied statically at strength_clip in `mode` (text encoding happens once, before sampling),
+    LoadResult).
     """
     _, new_clip, result = apply_adapter(model, clip, path, strength_model, strength_clip,
-                                        block_weights, node=node)
+                                        block_weights, node=node, mode=mode, plan_model=False)
     adapter, _ = cached_adapter(path)
     names = {key: name for name, key in result.resolution.matched.items()}
     model_keys = set(model.model.state_dict())
@@ -245,14 +308,25 @@ def plan_from_file(model, clip, path: str, strength_model: float, strength_clip:
 
 
 def take_over_loader_patches(model, strength_model: float, block_weights: BlockWeights):
-    """Move the LyCORIS patches a loader put on `model` into a schedule.
+    """Move the LyCORIS patches (or bypass injections) loaders put on `model` into a schedule.
 
-    Returns (clone of `model` without those patches, entries {key: (module, loader strength ×
+    Returns (clone of `model` without them, entries {key: (module, loader strength ×
     strength_model × block multiplier)}). Other patches (other LoRAs) stay where they are.
-    Raises ValueError when the model carries no LyCORIS patch or one a schedule cannot represent.
+    Raises AdapterError when the model carries none or one a schedule cannot represent.
     """
     clone = model.clone()
     entries: dict[str, tuple[AdapterModule, float]] = {}
+    for inj_key, injection in injections_of(clone).items():
+        if injection.scheduled:  # another schedule's: already follows its own keyframes
+            continue
+        for layer in injection.layers:
+            if layer.key in entries:
+                raise AdapterError("two LyCORIS loaders apply this weight in bypass mode; a "
+                                   "schedule cannot take both over: schedule the file by name "
+                                   "instead", key=layer.key)
+            entries[layer.key] = (layer.module, injection.holder.value * layer.strength
+                                  * strength_model * block_weights.multiplier(layer.key))
+        clone.remove_injections(inj_key)
     for key in list(clone.patches):
         kept = []
         for p in clone.patches[key]:

@@ -28,6 +28,7 @@ from ...lycoris_core.algos import AdapterModule
 from ...lycoris_core.algos.base import all_finite
 from ...lycoris_core.blocks import BlockWeights, parse_block_weights
 from ...lycoris_core.naming import is_text_encoder_name
+from .bypass import MODES, BypassInjection, bypass_plan
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -206,6 +207,9 @@ class LoadResult:
     strength_model: float = 1.0
     strength_clip: float = 1.0
     cache_hit: bool = False
+    mode: str = "patch"
+    bypassed: list[str] = field(default_factory=list)              # keys applied at forward time
+    fallback: dict[str, str] = field(default_factory=dict)         # bypass mode: name → why patched
 
     @property
     def unmatched(self) -> list[str]:
@@ -240,14 +244,35 @@ def _no_match_error(adapter: Adapter, arch: str, model_keys: int, has_clip: bool
                         file=adapter.path)
 
 
+def add_lycoris_patches(patcher, items: dict[str, tuple[AdapterModule, float]],
+                        path: str | None = None) -> None:
+    """Add `items` {weight key: (module, strength)} to `patcher` (a ModelPatcher or CLIP clone
+    owned by the caller) as `LycorisPatch` patches, one `add_patches` call per strength."""
+    groups: dict[float, dict[str, LycorisPatch]] = {}
+    for key, (module, s) in items.items():
+        groups.setdefault(s, {})[key] = LycorisPatch(module, key)
+    for s, patches in groups.items():
+        added = patcher.add_patches(patches, s)
+        if len(added) != len(patches):  # cannot happen: keys come from the same state dicts
+            missing = sorted(set(patches) - set(added))
+            raise AdapterError(f"ComfyUI refused {len(missing)} patches, e.g. {missing[:3]}",
+                               file=None if path is None else str(path), key=missing[0])
+
+
 def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: float,
                   block_weights: str | BlockWeights = "", expect_algo: str | None = None,
-                  node: str = "LoadLyCORIS"):
-    """Clone `model`/`clip` and patch them with the file at `path`. Returns (model, clip, LoadResult).
+                  node: str = "LoadLyCORIS", mode: str = "patch", plan_model: bool = True):
+    """Clone `model`/`clip` and apply the file at `path`. Returns (model, clip, LoadResult).
 
-    Everything is checked (algorithm, key matches, shapes, finite values) before anything is
-    cloned, so an error leaves the inputs untouched. Strength 0 returns the inputs themselves.
+    `mode`: "patch" (weights rewritten when ComfyUI loads the model) or "bypass" (added at
+    forward time by `bypass.BypassInjection`; modules bypass cannot run are patched, with the
+    reason in `LoadResult.fallback`). Everything is checked (algorithm, key matches, shapes,
+    finite values, bypass plans) before anything is cloned, so an error leaves the inputs
+    untouched. Strength 0 returns the inputs themselves. `plan_model=False` (the strength schedule)
+    resolves and reports the model's modules but applies only the CLIP's.
     """
+    if mode not in MODES:
+        raise AdapterError(f"mode must be one of {', '.join(MODES)}, not {mode!r}", file=str(path))
     bw = block_weights if isinstance(block_weights, BlockWeights) else parse_block_weights(block_weights)
     adapter, hit = cached_adapter(path)
     _check_algorithm(adapter, expect_algo, node)
@@ -262,14 +287,16 @@ def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: 
         adapter.modules[name].resolved_shape(shapes[key])  # raises naming file and key
     result = LoadResult(path=str(path), summary=adapter.summary(keymap), resolution=res,
                         model_architecture=keymap.architecture, block_weights=bw,
-                        strength_model=strength_model, strength_clip=strength_clip, cache_hit=hit)
+                        strength_model=strength_model, strength_clip=strength_clip, cache_hit=hit,
+                        mode=mode)
     if clip is None:
         result.skipped_te = [n for n in res.unmatched if is_text_encoder_name(n)]
     active = (strength_model != 0.0 and model is not None) or (strength_clip != 0.0 and clip is not None)
     if not res.matched and active:
         raise _no_match_error(adapter, keymap.architecture, len(keymap.keys), clip is not None)
 
-    groups: dict[tuple[str, float], dict[str, LycorisPatch]] = {}
+    entries: dict[str, dict[str, tuple[AdapterModule, float]]] = {"model": {}, "clip": {}}
+    names: dict[str, str] = {}
     used_rules: set[str] = set()
     for name, key in res.matched.items():
         is_model = key in unet_sd
@@ -281,19 +308,30 @@ def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: 
             result.zero_strength.append(name)
             continue
         result.applied[key] = s
-        groups.setdefault(("model" if is_model else "clip", s), {})[key] = LycorisPatch(
-            adapter.modules[name], key)
+        names[key] = name
+        entries["model" if is_model else "clip"][key] = (adapter.modules[name], s)
     # a block rule the user wrote that touches no module is worth a warning (groups are not)
     result.unused_rules = [item for item, blocks in bw.named if not used_rules.intersection(blocks)]
+    if not plan_model:
+        entries["model"] = {}
 
-    new_model = model.clone() if model is not None and any(t == "model" for t, _ in groups) else model
-    new_clip = clip.clone() if clip is not None and any(t == "clip" for t, _ in groups) else clip
-    for (target, s), patches in groups.items():
-        patcher = new_model if target == "model" else new_clip
-        added = patcher.add_patches(patches, s)
-        if len(added) != len(patches):  # cannot happen: keys come from the same state dicts
-            missing = sorted(set(patches) - set(added))
-            raise AdapterError(f"ComfyUI refused {len(missing)} patches, e.g. {missing[:3]}",
-                               file=str(path), key=missing[0])
+    injections: dict[str, BypassInjection] = {}
+    if mode == "bypass":  # planned on the inputs (read only) before anything is cloned
+        for target, items in entries.items():
+            if not items:
+                continue
+            layers, fallback = bypass_plan(model if target == "model" else clip.patcher, items)
+            result.fallback.update({names[k]: why for k, why in fallback.items()})
+            result.bypassed += [layer.key for layer in layers]
+            entries[target] = {k: items[k] for k in fallback}
+            if layers:
+                injections[target] = BypassInjection(layers)
+
+    touched = {t for t, items in entries.items() if items} | set(injections)
+    new_model = model.clone() if model is not None and "model" in touched else model
+    new_clip = clip.clone() if clip is not None and "clip" in touched else clip
+    for target, items in entries.items():
+        add_lycoris_patches(new_model if target == "model" else new_clip, items, path)
+    for target, injection in injections.items():
+        injection.attach(new_model if target == "model" else new_clip.patcher)
     return new_model, new_clip, result
-

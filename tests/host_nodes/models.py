@@ -14,6 +14,8 @@ ComfyUI's ops leave weights uninitialised, so every parameter is filled from a s
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 
@@ -66,8 +68,10 @@ POOLED_DIM = 32         # tiny CLIP-G projection
 ADM_IN = POOLED_DIM + 6 * 256  # SDXL's adm: pooled + 6 size embeddings of 256
 
 
-def sdxl_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = False):
-    """A `ModelPatcher` over `model_base.SDXL` with real SDXL key names."""
+def sdxl_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = False,
+               dtype: torch.dtype = torch.float32):
+    """A `ModelPatcher` over `model_base.SDXL` with real SDXL key names; a `dtype` other than
+    float32 stores the weights in it and computes in float32 (ComfyUI's manual cast ops)."""
     import comfy.supported_models
 
     mc, mult, td, tdo, tdm, head = SDXL_VARIANTS[variant]
@@ -82,9 +86,12 @@ def sdxl_model(variant: str = "tiny", seed: int = 0, disable_dynamic: bool = Fal
     }
     cfg = comfy.supported_models.SDXL(unet_config)
     cfg.unet_config["num_head_channels"] = head
+    if dtype != torch.float32:
+        cfg.set_inference_dtype(dtype, torch.float32)
     model = cfg.get_model({}, device="cpu")
     _fill(model.diffusion_model, seed)
-    return _patcher(model, (sdxl_model, (variant, seed)))
+    builder = sdxl_model if dtype == torch.float32 else functools.partial(sdxl_model, dtype=dtype)
+    return _patcher(model, (builder, (variant, seed)))
 
 
 def has_anima() -> bool:
