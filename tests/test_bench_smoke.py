@@ -60,10 +60,11 @@ def test_child_peak_rss_sees_an_allocation():
     n = 64 << 20
     out = common.child_peak_rss("bench.common:touch_bytes", {"nbytes": n}, timeout=120)
     assert out["result"] == n
-    # the probe writes exactly n bytes: it reads ~n (1.04 n typical), with 3x room each way; a
-    # probe that misses the child's pages reads ~0
+    # the probe writes exactly n bytes: it reads ~n (1.04 n typical), 3x above the floor, while a
+    # probe that misses the child's pages reads ~0. No ceiling: the peak (ru_maxrss) also holds
+    # the child's import-time peak, which in a full run's environment can exceed 4 n.
     extra = out["peak_rss"] - out["baseline_rss"]
-    assert n / 3 <= extra <= 4 * n, extra / n
+    assert extra >= n / 3, extra / n
 
 
 def test_interleaved_reports_every_contestant():
