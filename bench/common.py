@@ -223,8 +223,9 @@ class RSSSampler:
 def child_peak_rss(target: str, kwargs: Mapping | None = None, timeout: float = 600) -> dict:
     """Run `module:function(**kwargs)` in a fresh interpreter; its peak RSS and its result.
 
-    Returns {"result": <JSON result>, "peak_rss": bytes, "baseline_rss": bytes after imports,
-    "wall_s": seconds of the call}. The function must return something JSON-serialisable.
+    Returns {"result": <JSON result>, "peak_rss": bytes during the call (imports excluded where
+    Linux can reset the peak), "baseline_rss": bytes after imports, "wall_s": seconds of the
+    call}. The function must return something JSON-serialisable.
     """
     cmd = [sys.executable, "-m", "bench.common", "--child", target, json.dumps(dict(kwargs or {}))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
@@ -238,16 +239,40 @@ def touch_bytes(nbytes: int) -> int:
     return int(torch.ones(nbytes // 4).numel() * 4)
 
 
-def _child_main(target: str, kwargs_json: str) -> None:
+def _reset_peak_rss() -> bool:
+    """Start this process's peak-RSS count afresh (Linux: writing 5 to /proc/self/clear_refs
+    resets VmHWM), so that a peak read later is the call's and not the imports' before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss(since_reset: bool) -> int:
+    """Peak RSS in bytes: VmHWM since `_reset_peak_rss` when it worked, else the process's
+    lifetime peak (ru_maxrss, imports included)."""
+    if since_reset:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
     import resource
 
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _child_main(target: str, kwargs_json: str) -> None:
     module, func = target.split(":")
     fn = getattr(importlib.import_module(module), func)
+    gc.collect()
     baseline = rss_bytes()
+    reset = _reset_peak_rss()
     t0 = time.perf_counter()
     result = fn(**json.loads(kwargs_json))
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    peak = _peak_rss(reset)
     print(json.dumps({"result": result, "peak_rss": peak, "baseline_rss": baseline,
                       "wall_s": wall}))
 

@@ -57,14 +57,20 @@ def test_convert_bench_runs():
 
 
 def test_child_peak_rss_sees_an_allocation():
+    """The child's peak during the call, not before it: the probe writes exactly n bytes, from a
+    parent holding 8 n more. Reads 1.04 n, with 3x room each way. A probe that misses the child's
+    pages reads ~0; one that reads the lifetime peak (ru_maxrss, which Linux carries over from
+    the parent's RSS at fork through exec) reads ≥ 8 n (18.8 n measured before the fix; 13.5 n in
+    a full pytest run without any ballast)."""
+    import torch
+
     n = 64 << 20
+    ballast = torch.ones(2 * n)  # 8 n bytes resident in this (the parent) process
     out = common.child_peak_rss("bench.common:touch_bytes", {"nbytes": n}, timeout=120)
+    del ballast
     assert out["result"] == n
-    # the probe writes exactly n bytes: it reads ~n (1.04 n typical), 3x above the floor, while a
-    # probe that misses the child's pages reads ~0. No ceiling: the peak (ru_maxrss) also holds
-    # the child's import-time peak, which in a full run's environment can exceed 4 n.
     extra = out["peak_rss"] - out["baseline_rss"]
-    assert extra >= n / 3, extra / n
+    assert n / 3 <= extra <= 3 * n, extra / n
 
 
 def test_interleaved_reports_every_contestant():
