@@ -9,7 +9,8 @@ reported, and ratios are medians of per-round paired ratios (`paired_ratio`). Th
 shared and noisy, so results are only ever read as ratios pack / reference.
 
 Memory: `child_peak_rss` runs a function in a fresh Python process and reads the kernel's RSS
-high-water mark (`resource.getrusage(RUSAGE_SELF).ru_maxrss`), so nothing the parent allocated
+high-water mark of the call (VmHWM, reset after the child's imports; `ru_maxrss` would also hold
+the parent's RSS at fork, which Linux carries through exec), so nothing the parent allocated
 counts; `RSSSampler` polls this process' RSS (psutil) from a thread, for in-process peaks
 (approximate: spikes shorter than the poll interval can be missed).
 
