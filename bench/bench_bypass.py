@@ -44,7 +44,7 @@ from .common import comfy_host, interleaved, machine_info, row, summarise, write
 
 BENCH = "bypass forward overhead per layer vs ComfyUI 0.28's bypass (fraction of the layer)"
 STRATEGY_BENCH = "LoHa bypass strategy: Khatri–Rao vs dense ΔW (cost model check)"
-TOL = 2e-3  # ours vs W + ΔW (float64), relative to |ΔW x|: float32 rounding of the output is ~1e-4 of it
+TOL = 2e-3  # ours vs W + ΔW (float64), relative to |ΔW x|: float32 rounding is ≤ 7.2e-5 of it (toys)
 
 
 @dataclass
@@ -110,13 +110,16 @@ def adapter_tensors(case: Case, seed: int = 0) -> tuple[dict[str, torch.Tensor],
 
     t: dict[str, torch.Tensor] = {}
     if case.algo == "loha":
+        # factors at std 0.3: ΔW is a product of four of them, and at 0.1 a toy Tucker layer's
+        # effect was so small that float32 rounding of the base output was 2e-3 of it (the check
+        # below allows 2e-3); at 0.3 it is 81x larger
         if case.layout == "tucker":
-            t |= {"hada_w1_a": rnd(r, o), "hada_w1_b": rnd(r, i), "hada_w2_a": rnd(r, o),
-                  "hada_w2_b": rnd(r, i), "hada_t1": rnd(r, r, *k, std=0.3),
-                  "hada_t2": rnd(r, r, *k, std=0.3)}
+            t |= {"hada_w1_a": rnd(r, o, std=0.3), "hada_w1_b": rnd(r, i, std=0.3),
+                  "hada_w2_a": rnd(r, o, std=0.3), "hada_w2_b": rnd(r, i, std=0.3),
+                  "hada_t1": rnd(r, r, *k, std=0.3), "hada_t2": rnd(r, r, *k, std=0.3)}
         else:
-            t |= {"hada_w1_a": rnd(o, r), "hada_w1_b": rnd(r, i * kk), "hada_w2_a": rnd(o, r),
-                  "hada_w2_b": rnd(r, i * kk)}
+            t |= {"hada_w1_a": rnd(o, r, std=0.3), "hada_w1_b": rnd(r, i * kk, std=0.3),
+                  "hada_w2_a": rnd(o, r, std=0.3), "hada_w2_b": rnd(r, i * kk, std=0.3)}
     elif case.algo == "lora":
         t |= {"lora_down.weight": rnd(r, i, *k), "lora_up.weight": rnd(o, r, *([1] * len(k)))}
     else:
