@@ -53,10 +53,10 @@ from .static import (
     LycorisPatch,
     _add_rows,
     _identity,
-    add_lycoris_patches,
     apply_adapter,
     cached_adapter,
     delta_row_blocks,
+    plan_constant,
 )
 
 log = logging.getLogger("lycoris_nodes")
@@ -105,18 +105,14 @@ class ScheduledAdapter:
     def attach(self, patcher) -> None:
         """Register the wrappers (and in bypass mode the injection) on `patcher`, a ModelPatcher
         clone owned by the caller."""
-        constant = self.constant
         if self.mode == "bypass":
             layers, self.fallback = bypass_plan(patcher, self.entries)
             if layers:
                 self.bypass = BypassInjection(layers, Strength(0.0), scheduled=True)
                 self.bypass.attach(patcher)
-            if constant:
-                layers, self.constant_fallback = bypass_plan(patcher, constant)
-                if layers:
-                    BypassInjection(layers).attach(patcher)
-                constant = {k: constant[k] for k in self.constant_fallback}
-        add_lycoris_patches(patcher, constant)
+        constant = plan_constant(patcher, self.constant, self.mode)
+        self.constant_fallback = constant.fallback
+        constant.attach(patcher)
         wm = comfy.patcher_extension.WrappersMP
         patcher.add_wrapper_with_key(wm.SAMPLER_SAMPLE, WRAPPER_KEY, self._sampler_sample)
         patcher.add_wrapper_with_key(wm.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)

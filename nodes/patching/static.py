@@ -259,6 +259,38 @@ def add_lycoris_patches(patcher, items: dict[str, tuple[AdapterModule, float]],
                                file=None if path is None else str(path), key=missing[0])
 
 
+@dataclass
+class ConstantPlan:
+    """Weights at constant strengths planned for a mode: `patches` {key: (module, strength)} go
+    into the weights, `injection` runs the rest at forward time (bypass), `fallback` {key: why}
+    names the weights bypass cannot run (they are among `patches`)."""
+
+    patches: dict[str, tuple[AdapterModule, float]]
+    injection: BypassInjection | None = None
+    fallback: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def empty(self) -> bool:
+        return not self.patches and self.injection is None
+
+    def attach(self, patcher, path: str | None = None) -> None:
+        """Apply the plan to `patcher` (a ModelPatcher clone owned by the caller)."""
+        add_lycoris_patches(patcher, self.patches, path)
+        if self.injection is not None:
+            self.injection.attach(patcher)
+
+
+def plan_constant(patcher, items: dict[str, tuple[AdapterModule, float]], mode: str) -> ConstantPlan:
+    """Plan `items` {weight key: (module, strength)} of `patcher`'s model for `mode`, reading the
+    model only (so an error leaves it untouched): all patched in patch mode; in bypass mode
+    hooked, except the weights `bypass_plan` sends back to the patch path."""
+    if mode != "bypass" or not items:
+        return ConstantPlan(dict(items))
+    layers, fallback = bypass_plan(patcher, items)
+    return ConstantPlan({k: items[k] for k in fallback},
+                        BypassInjection(layers) if layers else None, fallback)
+
+
 def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: float,
                   block_weights: str | BlockWeights = "", expect_algo: str | None = None,
                   node: str = "LoadLyCORIS", mode: str = "patch", plan_model: bool = True):
@@ -315,23 +347,18 @@ def apply_adapter(model, clip, path: str, strength_model: float, strength_clip: 
     if not plan_model:
         entries["model"] = {}
 
-    injections: dict[str, BypassInjection] = {}
-    if mode == "bypass":  # planned on the inputs (read only) before anything is cloned
-        for target, items in entries.items():
-            if not items:
-                continue
-            layers, fallback = bypass_plan(model if target == "model" else clip.patcher, items)
-            result.fallback.update({names[k]: why for k, why in fallback.items()})
-            result.bypassed += [layer.key for layer in layers]
-            entries[target] = {k: items[k] for k in fallback}
-            if layers:
-                injections[target] = BypassInjection(layers)
+    # planned on the inputs (read only) before anything is cloned
+    plans = {"model": plan_constant(model, entries["model"], mode),
+             "clip": plan_constant(clip.patcher if clip is not None else None, entries["clip"], mode)}
+    for plan in plans.values():
+        result.fallback.update({names[k]: why for k, why in plan.fallback.items()})
+        if plan.injection is not None:
+            result.bypassed += [layer.key for layer in plan.injection.layers]
 
-    touched = {t for t, items in entries.items() if items} | set(injections)
-    new_model = model.clone() if model is not None and "model" in touched else model
-    new_clip = clip.clone() if clip is not None and "clip" in touched else clip
-    for target, items in entries.items():
-        add_lycoris_patches(new_model if target == "model" else new_clip, items, path)
-    for target, injection in injections.items():
-        injection.attach(new_model if target == "model" else new_clip.patcher)
+    new_model = model.clone() if model is not None and not plans["model"].empty else model
+    new_clip = clip.clone() if clip is not None and not plans["clip"].empty else clip
+    if new_model is not model:
+        plans["model"].attach(new_model, path)
+    if new_clip is not clip:
+        plans["clip"].attach(new_clip.patcher, path)
     return new_model, new_clip, result
