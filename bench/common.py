@@ -282,16 +282,24 @@ def _child_main(target: str, kwargs_json: str) -> None:
 _COMFY_BASE: list[Path] = []
 
 
-def hosts_env() -> dict[str, tuple[str, str]]:
-    """{"1" | "2": (python, ComfyUI tree)} of the hosts in `.cache/hosts.env` (written by
-    scripts/bootstrap.sh); {} without the file, a host without both paths left out. The file holds
-    the paths of the checkout that last bootstrapped: the venv and the tree are taken from this
-    checkout when they are there (worktrees link the same ones)."""
-    env_file = ROOT / ".cache" / "hosts.env"
-    if not env_file.is_file():
+HOSTS_ENV = ROOT / ".cache" / "hosts.env"
+"""The hosts scripts/bootstrap.sh set up: HOST{1,2}_PY, HOST{1,2}_DIR, or HOST2_SKIP (why not)."""
+
+
+def hosts_values() -> dict[str, str]:
+    """The KEY=value lines of `HOSTS_ENV` ({} without the file)."""
+    if not HOSTS_ENV.is_file():
         return {}
-    values = dict(line.split("=", 1) for line in env_file.read_text().splitlines()
-                  if "=" in line and not line.startswith("#"))
+    return {k: v.strip() for k, v in (line.split("=", 1) for line in HOSTS_ENV.read_text().splitlines()
+                                      if "=" in line and not line.startswith("#"))}
+
+
+def hosts_env(values: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+    """{"1" | "2": (python, ComfyUI tree)} of the hosts in `HOSTS_ENV` (or in `values` read from
+    it); {} without the file, a host without both paths left out. The file holds the paths of the
+    checkout that last bootstrapped: the venv and the tree are taken from this checkout when they
+    are there (worktrees link the same ones)."""
+    values = hosts_values() if values is None else values
     out = {}
     for n in ("1", "2"):
         py, tree = values.get(f"HOST{n}_PY", "").strip(), values.get(f"HOST{n}_DIR", "").strip()

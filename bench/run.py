@@ -25,7 +25,18 @@ import time
 import traceback
 from pathlib import Path
 
-from .common import RESULTS_DIR, ROOT, default_clock, format_table, hosts_env, machine_info, row, write_json
+from .common import (
+    HOSTS_ENV,
+    RESULTS_DIR,
+    ROOT,
+    default_clock,
+    format_table,
+    hosts_env,
+    hosts_values,
+    machine_info,
+    row,
+    write_json,
+)
 
 BENCHES: dict[str, str] = {
     "delta": "bench.bench_delta",
@@ -157,14 +168,13 @@ def _child(name: str, quick: bool, out: str) -> None:
 
 def current_comfyui() -> tuple[str, dict[str, str]] | str:
     """(python, env) of the current-ComfyUI host from `.cache/hosts.env`, or why there is none."""
-    hosts = ROOT / ".cache" / "hosts.env"
-    if not hosts.is_file():
-        return f"{hosts} not found: run scripts/bootstrap.sh"
-    if "2" not in hosts_env():
-        skip = [line.split("=", 1)[1] for line in hosts.read_text().splitlines()
-                if line.startswith("HOST2_SKIP=")]
-        return f"no current-ComfyUI host: {(skip or ['see scripts/bootstrap.sh'])[0]}"
-    python, tree = hosts_env()["2"]
+    values = hosts_values()
+    if not values:
+        return f"{HOSTS_ENV} not found: run scripts/bootstrap.sh"
+    host = hosts_env(values).get("2")
+    if host is None:
+        return f"no current-ComfyUI host: {values.get('HOST2_SKIP') or 'see scripts/bootstrap.sh'}"
+    python, tree = host
     return python, {"LYCORIS_COMFYUI_DIR": tree}
 
 
