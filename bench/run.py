@@ -50,6 +50,9 @@ BENCHES: dict[str, str] = {
 ON_CURRENT_COMFYUI = {"bypass"}
 """Benches that need current ComfyUI (core's bypass adapters): run with the second host's Python
 and ComfyUI from `.cache/hosts.env` (written by scripts/bootstrap.sh)."""
+PREFER_CURRENT_COMFYUI = {"train"}
+"""Benches run on current ComfyUI when it is set up (training adds the tiny real Anima there),
+else on this Python's host."""
 CHILD_ENV: dict[str, dict[str, str]] = {
     # bench_apply reads peaks from RSS: glibc must hand large frees back to the OS at once
     "apply": {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"},
@@ -181,11 +184,12 @@ def current_comfyui() -> tuple[str, dict[str, str]] | str:
 def run_bench(name: str, quick: bool, threads: int | None) -> dict:
     """One bench in a child process; its status, seconds, result or error."""
     python, host_env = sys.executable, {}
-    if name in ON_CURRENT_COMFYUI:
+    if name in ON_CURRENT_COMFYUI | PREFER_CURRENT_COMFYUI:
         host = current_comfyui()
-        if isinstance(host, str):
+        if not isinstance(host, str):
+            python, host_env = host
+        elif name in ON_CURRENT_COMFYUI:
             return {"status": "missing", "seconds": 0.0, "error": host}
-        python, host_env = host
     with tempfile.TemporaryDirectory(prefix="lycoris-bench-run-") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [python, "-m", "bench.run", "--child", name, "--out", str(out)]
