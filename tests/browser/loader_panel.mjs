@@ -76,8 +76,19 @@ await runScenario(url, shot, async (page, result) => {
   await page.waitForTimeout(300);
   let entry;
   if (result.vue_node) {
-    await page.locator(`[data-node-id="${node.id}"] [role='combobox'][aria-label='lora_name']`).click();
+    // as in classic mode below: a click the frontend is not ready for is made again (up to three
+    // times, 10 s each), as a user would
+    const combo = page.locator(`[data-node-id="${node.id}"] [role='combobox'][aria-label='lora_name']`);
     entry = page.locator("[role='option']", { hasText: loraName }).first();
+    for (let click = 1; click <= 3; click++) {
+      result.combo_clicks = click;
+      const opened = await combo.click({ timeout: 10_000 })
+        .then(() => entry.waitFor({ state: "visible", timeout: 10_000 }))
+        .then(() => true, () => false);
+      if (opened) break;
+      await page.keyboard.press("Escape");
+      await page.waitForTimeout(500);
+    }
   } else {
     const at = await page.evaluate(([id, offset]) => {
       const app = window.comfyAPI.app.app;
