@@ -31,6 +31,7 @@ from .algos import AdapterModule, factorization
 from .convert import comfyui_name, sdscripts_hashes, sdscripts_name
 from .errors import AdapterError
 from .keymap import TE_INNER_PREFIX, KeyMap
+from .layout import LoKrDims, lokr_layout
 from .manifests import manifest
 from .safetensors_io import save_safetensors
 
@@ -274,7 +275,9 @@ def lokr_factors(dw: torch.Tensor, spec: FactorSpec
     w2 = (vh[0] * root).reshape(b, d * kk)
     u2, s2, vh2 = svd(w2, spec)
     r = choose_rank(s2, spec.rank, spec.energy)
-    if r >= min(b, d * kk):  # low rank would be no smaller and no more exact: store W2 full
+    if r >= min(b, d * kk) or lokr_layout(LoKrDims(a, b, c, d), r).w2_full:
+        # the readers expect a full W2 at this rank (SPEC §5), or low rank would be no smaller:
+        # store W2 full (untruncated: the same size, and at least as exact)
         full = w2.reshape(b, d, *dw.shape[2:]) if dw.dim() > 2 else w2
         return {"lokr_w1": w1, "lokr_w2": full}, min(b, d * kk), kron_energy
     sq = s2[:r].sqrt()
@@ -351,13 +354,24 @@ def result_metadata(sources: Sequence[tuple[Adapter, float]], spec: FactorSpec,
         "lycoris_merge_skipped": json.dumps(dict(skipped)),
         "lycoris_merge_tool": "lycoris-nodes",
     }
-    if spec.fmt == "lokr":
-        meta["ss_network_args"] = json.dumps({"factor": str(spec.factor), "algo": "lokr"})
+    args = {"factor": str(spec.factor), "algo": "lokr"} if spec.fmt == "lokr" else {}
+    args.update(conv_network_args(reports))
+    if args:
+        meta["ss_network_args"] = json.dumps(args)
     for k in ("ss_base_model_version", "modelspec.architecture"):
         values = {a.metadata.get(k) for a, _ in sources}
         if len(values) == 1 and None not in values:
             meta[k] = values.pop()
     return meta
+
+
+def conv_network_args(reports: Sequence[ModuleReport]) -> dict[str, str]:
+    """`conv_dim` / `conv_alpha` of the written k×k conv modules (sd-scripts only builds those
+    modules when they are set): their rank (the largest when they differ; alpha = rank)."""
+    ranks = [m.rank for m in reports if len(m.shape) > 2 and math.prod(m.shape[2:]) > 1]
+    if not ranks:
+        return {}
+    return {"conv_dim": str(max(ranks)), "conv_alpha": str(max(ranks))}
 
 
 def merge_adapters(sources: Sequence[tuple[Adapter, float]], spec: FactorSpec,

@@ -24,6 +24,7 @@ from torch import nn
 from ..algos import loha as loha_algo
 from ..algos import lokr as lokr_algo
 from ..algos.lokr import factorization
+from ..layout import LoKrDims, lokr_layout
 
 
 @dataclass(frozen=True)
@@ -221,14 +222,15 @@ class LoKrTrain(TrainModule):
         self.bypass = bypass
         k = spec.kernel if spec.is_kxk else ()
         self.tucker = False
-        if decompose_both and r < max(a, c) / 2:
+        layout = lokr_layout(LoKrDims(a, b, c, d), r, decompose_both)  # the readers' rule
+        if not layout.w1_full:
             self.lokr_w1_a = nn.Parameter(torch.empty(a, r))
             self.lokr_w1_b = nn.Parameter(torch.empty(r, c))
             self.w1_full = False
         else:
             self.lokr_w1 = nn.Parameter(torch.empty(a, c))
             self.w1_full = True
-        if r >= max(b, d) / 2:  # full-matrix rule (for k×k convs the full test comes first)
+        if layout.w2_full:  # full-matrix rule (for k×k convs the full test comes first)
             self.lokr_w2 = nn.Parameter(torch.empty(b, d, *k))
             self.w2_full = True
         else:
