@@ -56,6 +56,16 @@ def w2_full_required(rank: int, b: int, d: int) -> bool:
     return 2 * rank >= max(b, d)
 
 
+def w2_full_shape(b: int, d: int, kernel: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """Shape of a full `lokr_w2`: (b, d, k, k) for a k×k conv, (b, d) for Linear and 1×1 conv.
+
+    1×1 convs are where the two readers disagree: sd-scripts builds them like Linear, (b, d), and
+    fails to load (b, d, 1, 1); LyCORIS 4.1.3 builds (b, d, 1, 1) and cannot copy (b, d) into it.
+    The pack writes sd-scripts' layout (its training format); `readers` reports the LyCORIS gap.
+    """
+    return (b, d, *kernel) if any(k != 1 for k in kernel) else (b, d)
+
+
 def lokr_layout(dims: LoKrDims, rank: int, decompose_both: bool = False) -> LoKrLayout:
     """The layout readers rebuild for rank `rank` (SPEC §5): see the module docstring."""
     w2_full = w2_full_required(rank, dims.b, dims.d)

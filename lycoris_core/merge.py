@@ -31,7 +31,7 @@ from .algos import AdapterModule, factorization
 from .convert import comfyui_name, sdscripts_hashes, sdscripts_name
 from .errors import AdapterError
 from .keymap import TE_INNER_PREFIX, KeyMap
-from .layout import LoKrDims, lokr_layout
+from .layout import LoKrDims, lokr_layout, w2_full_shape
 from .manifests import manifest
 from .safetensors_io import save_safetensors
 
@@ -278,7 +278,7 @@ def lokr_factors(dw: torch.Tensor, spec: FactorSpec
     if r >= min(b, d * kk) or lokr_layout(LoKrDims(a, b, c, d), r).w2_full:
         # the readers expect a full W2 at this rank (SPEC §5), or low rank would be no smaller:
         # store W2 full (untruncated: the same size, and at least as exact)
-        full = w2.reshape(b, d, *dw.shape[2:]) if dw.dim() > 2 else w2
+        full = w2.reshape(w2_full_shape(b, d, tuple(dw.shape[2:])))
         return {"lokr_w1": w1, "lokr_w2": full}, min(b, d * kk), kron_energy
     sq = s2[:r].sqrt()
     return {"lokr_w1": w1, "lokr_w2_a": u2[:, :r] * sq, "lokr_w2_b": sq[:, None] * vh2[:r]}, \

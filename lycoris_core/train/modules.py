@@ -24,7 +24,7 @@ from torch import nn
 from ..algos import loha as loha_algo
 from ..algos import lokr as lokr_algo
 from ..algos.lokr import factorization
-from ..layout import LoKrDims, lokr_layout
+from ..layout import LoKrDims, lokr_layout, w2_full_shape
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ class LoKrTrain(TrainModule):
             self.lokr_w1 = nn.Parameter(torch.empty(a, c))
             self.w1_full = True
         if layout.w2_full:  # full-matrix rule (for k×k convs the full test comes first)
-            self.lokr_w2 = nn.Parameter(torch.empty(b, d, *k))
+            self.lokr_w2 = nn.Parameter(torch.empty(w2_full_shape(b, d, k)))
             self.w2_full = True
         else:
             self.w2_full = False
