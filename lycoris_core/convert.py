@@ -453,6 +453,10 @@ def cmd_convert(args) -> int:
     """`python -m lycoris_core convert`: exit 0 when nothing failed, 1 otherwise."""
     source, to = args.source, args.to
     src, out = Path(args.src), Path(args.output)
+    if args.portable:
+        return _cmd_portable(args, src, out)
+    if to is None:
+        raise SystemExit("convert: --to is required (or give --portable)")
     if src.is_dir():
         reports = convert_folder(src, out, to=to, target=args.arch, source=source,
                                  recursive=args.recursive, dry_run=args.dry_run)
@@ -464,6 +468,22 @@ def cmd_convert(args) -> int:
     return 1 if any(r.status == "failed" for r in reports) else 0
 
 
+def _cmd_portable(args, src: Path, out: Path) -> int:
+    """`convert --portable`: every file rewritten to the layout all readers load (portable.py)."""
+    from .portable import portable_reports_text, portable_safely
+
+    if args.to not in (None, "sd-scripts"):
+        raise SystemExit("convert --portable writes sd-scripts naming; leave out --to")
+    if src.is_dir():
+        pairs = [(p, out / p.relative_to(src))
+                 for p in iter_adapter_files(src, args.recursive, [out])]
+    else:
+        pairs = [(src, out / src.name if out.is_dir() or args.output.endswith(os.sep) else out)]
+    results = [(str(s), portable_safely(s, d, args.arch, args.dry_run)) for s, d in pairs]
+    print(portable_reports_text(results))
+    return 1 if any(isinstance(r, str) for _, r in results) else 0
+
+
 def add_cli(sub) -> None:
     """Register the `convert` subcommand."""
     p = sub.add_parser("convert", help="rename modules between sd-scripts and ComfyUI naming",
@@ -473,7 +493,7 @@ def add_cli(sub) -> None:
     p.add_argument("src", help="an adapter file or a folder of them")
     p.add_argument("-o", "--output", required=True,
                    help="output file, or folder (for a folder input, or ending in '/')")
-    p.add_argument("--to", choices=NAMINGS, required=True, help="target naming")
+    p.add_argument("--to", choices=NAMINGS, help="target naming (required unless --portable)")
     p.add_argument("--from", dest="source", choices=sorted(SOURCES), default="auto",
                    help="naming the input must be in; comfyui-trainer = files from ComfyUI's "
                    "TrainLoraNode/SaveLoRA (default: any)")
@@ -481,4 +501,9 @@ def add_cli(sub) -> None:
                    help="model whose key set resolves the names (default: best match)")
     p.add_argument("-r", "--recursive", action="store_true", help="include subfolders")
     p.add_argument("--dry-run", action="store_true", help="report only, write nothing")
+    p.add_argument("--portable", action="store_true",
+                   help="rewrite into the exactly equivalent layout sd-scripts, LyCORIS and "
+                   "ComfyUI all load (Tucker LoKr multiplied out, w1 = w1_a @ w1_b, full w2 where "
+                   "the readers expect it, factor recorded; sd-scripts naming); reports the size "
+                   "change and the largest ΔW difference (refused above 1e-6 relative)")
     p.set_defaults(func=cmd_convert)

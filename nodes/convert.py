@@ -21,6 +21,7 @@ from ..lycoris_core.convert import (
     format_report,
     iter_adapter_files,
 )
+from ..lycoris_core.portable import portable_reports_text, portable_safely
 from .outputs import output_file
 
 log = logging.getLogger("lycoris_nodes")
@@ -39,6 +40,12 @@ ARCH_TOOLTIP = ("Model whose real key set resolves the names: auto picks SDXL or
 FOLDER_TOOLTIP = ("Subfolder of ComfyUI's output folder for the converted files; each file keeps "
                   "its name plus a counter (_00001_) and is never written over an existing file.")
 DRY_RUN_TOOLTIP = "Only report what would be converted; write nothing."
+PORTABLE_TOOLTIP = (
+    "Rewrite into the exactly equivalent layout that sd-scripts, LyCORIS and ComfyUI core all "
+    "load right: Tucker LoKr multiplied out, w1 = w1_a @ w1_b, a full w2 where those readers "
+    "expect one, the LoKr factor recorded, sd-scripts naming (direction is not used). DoRA is "
+    "kept. The report gives the size change and the largest ΔW difference; a file whose ΔW would "
+    "change by more than 1e-6 (relative) is refused and nothing is written.")
 REPORT_TOOLTIP = "One line per file: converted (to which output), skipped or failed (and why)."
 
 
@@ -97,6 +104,7 @@ def _schema(node_id: str, display_name: str, description: str, inputs: list) -> 
                            tooltip=ARCH_TOOLTIP),
             io.String.Input("output_folder", default="loras/converted", tooltip=FOLDER_TOOLTIP),
             io.Boolean.Input("dry_run", default=False, tooltip=DRY_RUN_TOOLTIP),
+            io.Boolean.Input("portable", default=False, optional=True, tooltip=PORTABLE_TOOLTIP),
         ],
         outputs=[io.String.Output(display_name="report", tooltip=REPORT_TOOLTIP)],
         is_output_node=True,
@@ -125,10 +133,12 @@ class ConvertLyCORIS(io.ComfyNode):
 
     @classmethod
     def execute(cls, lora_name, direction, architecture, output_folder,
-                dry_run) -> io.NodeOutput:
+                dry_run, portable=False) -> io.NodeOutput:
         src = folder_paths.get_full_path_or_raise("loras", lora_name)
         source, to = DIRECTIONS[direction]
         dst = _output_path(output_folder, Path(Path(lora_name).name))
+        if portable:
+            return _portable([(Path(src), dst)], architecture, dry_run, raise_on_error=lora_name)
         report = convert_file(src, dst, to=to, target=architecture, source=source,
                               dry_run=dry_run)
         roots = [folder_paths.get_output_directory(), *folder_paths.get_folder_paths("loras")]
@@ -166,11 +176,15 @@ class BatchConvertLyCORIS(io.ComfyNode):
 
     @classmethod
     def execute(cls, folder, recursive, direction, architecture, output_folder,
-                dry_run) -> io.NodeOutput:
+                dry_run, portable=False) -> io.NodeOutput:
         source, to = DIRECTIONS[direction]
         out_dir = Path(folder_paths.get_output_directory())
         reports = []
         roots = _folder_roots(folder)
+        if portable:
+            pairs = [(p, _output_path(output_folder, p.relative_to(r)))
+                     for r in roots for p in iter_adapter_files(r, recursive)]
+            return _portable(pairs, architecture, dry_run)
         for root in roots:
             bar = comfy.utils.ProgressBar(1)
             reports += convert_folder(
@@ -180,6 +194,29 @@ class BatchConvertLyCORIS(io.ComfyNode):
         text = format_report(reports, [out_dir, *roots])
         log.info("BatchConvertLyCORIS %s:\n%s", folder, text)
         return io.NodeOutput(text, ui=ui.PreviewText(text))
+
+
+def _portable(pairs: list[tuple[Path, Path]], architecture: str, dry_run: bool,
+              raise_on_error: str | None = None) -> io.NodeOutput:
+    """The portable export of each (source, output) pair; the report names files relative to
+    the output and loras folders. A single file that fails raises (naming `raise_on_error`)."""
+    roots = [Path(folder_paths.get_output_directory()),
+             *map(Path, folder_paths.get_folder_paths("loras"))]
+
+    def show(p: str) -> str:
+        for base in roots:
+            try:
+                return Path(p).relative_to(base).as_posix()
+            except ValueError:
+                pass
+        return Path(p).name
+
+    results = [(str(s), portable_safely(s, d, architecture, dry_run)) for s, d in pairs]
+    if raise_on_error is not None and isinstance(results[0][1], str):
+        raise ValueError(f"{raise_on_error}: {results[0][1]}")
+    text = portable_reports_text(results, show)
+    log.info("portable export:\n%s", text)
+    return io.NodeOutput(text, ui=ui.PreviewText(text))
 
 
 CONVERT_NODES = [ConvertLyCORIS, BatchConvertLyCORIS]

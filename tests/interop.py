@@ -96,3 +96,29 @@ def pack_deltas(path: Path, model_keys: dict[str, tuple[int, ...]]) -> dict[str,
     assert not res.unmatched, res.unmatched
     return {key: adapter.modules[name].delta(torch.float64, shape=model_keys[key])
             for name, key in res.matched.items()}
+
+
+def lycoris_tucker_lokr(path: Path, name: str, shape: tuple[int, ...], rank: int = 4,
+                        alpha: float = 2.0, seed: int = 0) -> torch.Tensor:
+    """Write a Tucker LoKr conv file the way lycoris-lora 4.1.3 saves it (`custom_state_dict`
+    of a `LokrModule(use_tucker=True)` with seeded random factors) and return the golden ΔW: what
+    that live module's forward applies (it was built with the true rank; only reloading the
+    file goes wrong, SPEC §5)."""
+    from lycoris.modules.lokr import LokrModule
+    from safetensors.torch import save_file
+
+    layer = layer_for(shape)
+    g = torch.Generator().manual_seed(seed)
+    mod = LokrModule("lycoris_x", layer, lora_dim=rank, alpha=alpha, use_tucker=True)
+    with torch.no_grad():
+        for p in mod.parameters():
+            if p is not layer.weight:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    assert mod.tucker and not mod.use_w2
+    sd = {f"{name}.{k}": v.detach().contiguous() for k, v in mod.custom_state_dict().items()}
+    assert f"{name}.lokr_t2" in sd
+    save_file(sd, str(path), {"ss_network_module": "lycoris.kohya",
+                              "ss_network_args": '{"algo": "lokr", "use_tucker": "True"}'})
+    mod.apply_to()
+    mod.eval()
+    return probe_delta(layer, torch.zeros(shape))
