@@ -130,7 +130,19 @@ class Adapter:
             "unknown_keys": list(self.unknown_keys),
             "network_args": self.network_args,
             "metadata": dict(self.metadata),
+            "readers": [r.as_dict() for r in self.readers(arch, res)],
         }
+
+    def readers(self, arch: str, res: Resolution) -> list:
+        """`readers.ReaderLine` per reader (sd-scripts, LyCORIS, ComfyUI core), with the layer
+        shapes of the bundled manifest when the architecture is known."""
+        from .readers import reader_lines
+
+        shapes = {}
+        if arch in known_architectures():
+            full = manifest(arch)
+            shapes = {n: tuple(full[k]) for n, k in res.matched.items() if k in full}
+        return reader_lines(self.modules, shapes, arch)
 
 
 def _fmt(x: float) -> str:

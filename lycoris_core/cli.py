@@ -33,6 +33,9 @@ def format_summary(s: dict) -> str:
         lines.append(f"ignored keys: {len(s['unknown_keys'])} (e.g. {', '.join(s['unknown_keys'][:3])})")
     if s["network_args"]:
         lines.append(f"network_args: {json.dumps(s['network_args'])}")
+    if s.get("readers"):
+        lines.append("readers:")
+        lines += [f"  {r['text']}" for r in s["readers"]]
     for k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version",
               "modelspec.architecture", "modelspec.title"):
         if k in s["metadata"]:

@@ -128,6 +128,7 @@ def test_metadata_route(server):
     assert body["file"] == LORA  # the name, never the absolute path
     assert body["algorithms"] == {"lokr": 2} and body["architecture"] == "sdxl"
     assert body["metadata"]["ss_network_module"] == "networks.lokr"
+    assert [r["reader"] for r in body["readers"]] == ["sd-scripts", "LyCORIS", "ComfyUI core"]
     for bad in ("../../comfy.settings.json", "missing.safetensors", ""):
         status, body = _get(f"{url}/lycoris/metadata?lora_name={urllib.parse.quote(bad)}")
         assert status in (400, 404) and "error" in body, (bad, status, body)
@@ -211,7 +212,8 @@ def test_loader_panel_in_chromium(server, mode):
     panel = result["panel_text"]
     # the picked file's metadata (GET /lycoris/metadata, shown before anything ran) ...
     for shown in (f"file: {LORA}", "LoKr ×2", "rank", "4 ×2", "matched", "2 of 2 (sdxl)",
-                  "ss_network_module", "networks.lokr", "ss_output_name"):
+                  "ss_network_module", "networks.lokr", "ss_output_name", "readers",
+                  "LyCORIS: reads it"):
         assert shown in panel, (shown, panel)
     assert "WARNING" not in panel and FIRST_LORA not in panel, panel
     # ... and the load report of the queued run (the node's UI text)

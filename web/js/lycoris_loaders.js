@@ -1,7 +1,8 @@
 // Loader nodes (LoadLoHa / LoadLoKr / LoadLyCORIS): a panel with the selected file's metadata
 // (from GET /lycoris/metadata, before anything runs) and, after a run, the node's load report
 // (the `text` of its UI output, the same text as its `report` output).
-import { addPanel, chain, counts, fetchJson, onWidgetChange, registerNodeExtension, renderSections }
+import { addPanel, chain, counts, fetchJson, onWidgetChange, registerNodeExtension, readersSection,
+  renderSections }
   from "./lycoris_panel.js";
 
 const LOADERS = { LoadLoHa: "loha", LoadLoKr: "lokr", LoadLyCORIS: null };
@@ -52,8 +53,9 @@ export function metadataSections(s, expect) {
   if (rest > 0) metaRows.push(["", `(+${rest} more metadata keys)`]);
   return [
     { title: `file: ${s.file}`, rows },
+    readersSection(s.readers),
     { title: metaRows.length ? "metadata" : "metadata: none", rows: metaRows },
-  ];
+  ].filter(Boolean);
 }
 
 /** Panel section for the load report text of a run (warning lines highlighted). */

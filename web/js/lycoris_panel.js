@@ -111,6 +111,15 @@ export function renderSections(el, sections) {
   }
 }
 
+/**
+ * Panel section of the reader compatibility lines (`readers` of the /lycoris/metadata answer:
+ * [{reader, status, text}], one per reader); lines other than "reads it" are highlighted.
+ */
+export function readersSection(readers) {
+  if (!readers?.length) return null;
+  return { title: "readers", rows: readers.map((r) => ["", r.text, r.status === "ok" ? "" : "lyc-warn"]) };
+}
+
 /** "a ×3, b ×1" for a {value: count} object, largest count first. */
 export function counts(obj) {
   const entries = Object.entries(obj ?? {});
