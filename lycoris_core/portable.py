@@ -206,11 +206,24 @@ def make_portable(adapter: Adapter, target="auto", max_rel_diff: float = MAX_REL
     meta = _metadata(adapter, out, layer_shape, plan.module_renames, factor, changes, worst)
     dora = sum(m.has_dora for m in adapter.modules.values())
     notes = []
-    if any(isinstance(m, LoKrModule) and m.tucker for m in adapter.modules.values()) and dora:
+    if any(m.has_dora and m.dora_ref.shape[:1] == (1,) and len(m.dora_ref.shape) > 1
+           and m.dora_ref.shape[1] > 1 for m in adapter.modules.values()):
         notes.append("input-axis DoRA (dora_scale (1, I)) stays unreadable for LyCORIS 4.1.3")
+    full_1x1 = sum(isinstance(m, LoKrModule) and m.w2_full and len(m.w2_shape) == 2
+                   and layer_shape[n] is not None and tuple(layer_shape[n][2:]) == (1, 1)
+                   for n, m in new_adapter_by_old(adapter, new_adapter, plan.module_renames))
+    if full_1x1:
+        notes.append(f"{full_1x1} 1×1-conv module(s) with a full lokr_w2, written (b, d) as "
+                     "sd-scripts reads it; LyCORIS 4.1.3 only reads (b, d, 1, 1) — no layout "
+                     "serves both")
     report = PortableReport(adapter.path, None, len(adapter.modules), dict(changes), 0, 0,
                             worst, worst_name, factor if factor != "-1" else None, dora, notes)
     return PortableResult(out, meta, report)
+
+
+def new_adapter_by_old(old: Adapter, new: Adapter, renames: dict[str, str]):
+    """(old module name, the new adapter's module) pairs."""
+    return [(n, new.modules[renames[n]]) for n in old.modules]
 
 
 def _metadata(adapter: Adapter, out: dict[str, torch.Tensor], layer_shape: dict,

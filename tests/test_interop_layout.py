@@ -31,6 +31,7 @@ import lycoris_core as lc
 from lycoris_core.convert import convert_file
 from lycoris_core.layout import LoKrDims, layout_violation, lokr_layout
 from lycoris_core.merge import FactorSpec, merge_adapters
+from lycoris_core.portable import portable_file
 from lycoris_core.train.modules import LayerSpec, make_module
 
 REL = 1e-5
@@ -193,7 +194,8 @@ def test_trained_files_read_the_same(host, tmp_path, kind, offset):
 
 def test_trained_tucker_lokr_is_a_blind_spot_of_both_readers(host, tmp_path, caplog):
     """SPEC §5, pinned: a Tucker LoKr conv as training saves it (sd-scripts' layout) is refused
-    by lycoris-lora (whole file) and left unpatched by ComfyUI (ΔW 0); test_portable fixes it."""
+    by lycoris-lora (whole file) and left unpatched by ComfyUI (ΔW 0); its portable export reads
+    the same in both."""
     model, all_shapes = tiny_sdxl(host)
     shapes = {k: all_shapes[k] for k in GROUP_A[:2]}  # the two 3×3 convs
     path = trained_file(tmp_path, shapes, dict(algo="lokr", use_tucker=True), -1, seed=3)
@@ -203,6 +205,11 @@ def test_trained_tucker_lokr_is_a_blind_spot_of_both_readers(host, tmp_path, cap
     comfy = comfy_deltas(path, model)
     for key in shapes:
         assert float(comfy[key].abs().max()) == 0.0, key
+    portable = tmp_path / "trained_tucker_portable.safetensors"
+    assert portable_file(path, portable, target=all_shapes).changes == {"Tucker W2 multiplied out": 2}
+    ours = pack_deltas(path, shapes)
+    check_readers(portable, model, shapes)
+    assert all(rel_err(pack_deltas(portable, shapes)[k], ours[k]) < REL for k in shapes)
 
 
 # --- merge / resize / convert ----------------------------------------------------------------

@@ -190,6 +190,11 @@ def test_cli_portable(tmp_path, fixtures_dir):
     assert res.returncode == 0, res.stderr
     assert "size 2,740 -> 3,532 bytes" in res.stdout and "largest ΔW difference" in res.stdout
     assert out.is_file()
+    dry = tmp_path / "dry.safetensors"
+    res = subprocess.run(cmd[:-1] + [str(dry), "--dry-run"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0 and "would write" in res.stdout and "-> 3,532 bytes" in res.stdout
+    assert not dry.exists()
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert again.returncode == 1 and "exists" in again.stdout
 
@@ -219,3 +224,17 @@ def test_convert_nodes_portable_option(host, executor, fixtures_dir):
         "2": {"class_type": "LycorisTestSink", "inputs": {"text": ["1", 0]}}})
     assert res.ok, (res.node_errors, res.execution_error)
     assert "total: 2 file(s): 2 portable, 0 failed" in res.outputs("1")[0]
+
+
+def test_full_w2_on_a_1x1_conv_is_reported_as_unservable(tmp_path):
+    """No layout serves sd-scripts and LyCORIS both for a full W2 on a 1×1 conv (layout.py):
+    the export keeps sd-scripts' (b, d) and says so."""
+    g = torch.Generator().manual_seed(3)
+    n = sd_name(SKIP)
+    src = tmp_path / "full_1x1.safetensors"
+    lc.save_safetensors({f"{n}.lokr_w1": torch.randn(20, 16, generator=g),
+                         f"{n}.lokr_w2": torch.randn(32, 20, generator=g),
+                         f"{n}.alpha": torch.tensor(1.0)}, src)
+    report = portable_file(src, tmp_path / "out.safetensors")
+    assert report.changes == {} and report.max_rel_diff == 0.0
+    assert "1 1×1-conv module(s) with a full lokr_w2, written (b, d)" in report.text()
