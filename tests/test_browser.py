@@ -213,7 +213,9 @@ def test_loader_panel_in_chromium(server, mode):
     # the picked file's metadata (GET /lycoris/metadata, shown before anything ran) ...
     for shown in (f"file: {LORA}", "LoKr ×2", "rank", "4 ×2", "matched", "2 of 2 (sdxl)",
                   "ss_network_module", "networks.lokr", "ss_output_name", "readers",
-                  "LyCORIS: reads it"):
+                  # rank 4 on 64-wide layers (b = d = 8): readers expect a full lokr_w2
+                  "LyCORIS: cannot read (low-rank lokr_w2 where it expects a full one",
+                  "ComfyUI core: reads it"):
         assert shown in panel, (shown, panel)
     assert "WARNING" not in panel and FIRST_LORA not in panel, panel
     # ... and the load report of the queued run (the node's UI text)
