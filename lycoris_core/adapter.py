@@ -138,11 +138,15 @@ class Adapter:
         shapes of the bundled manifest when the architecture is known."""
         from .readers import reader_lines
 
-        shapes = {}
-        if arch in known_architectures():
-            full = manifest(arch)
-            shapes = {n: tuple(full[k]) for n, k in res.matched.items() if k in full}
-        return reader_lines(self.modules, shapes, arch)
+        try:  # display only: never let it stop a load
+            shapes = {}
+            if arch in known_architectures():
+                full = manifest(arch)
+                shapes = {n: tuple(full[k]) for n, k in res.matched.items() if k in full}
+            return reader_lines(self.modules, shapes, arch)
+        except Exception:  # pragma: no cover - a bug here must not break loading
+            log.exception("%s: reader compatibility lines failed", self.path)
+            return []
 
 
 def _fmt(x: float) -> str:
