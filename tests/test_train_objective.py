@@ -292,28 +292,32 @@ def _model(kind, w):
             return xt - out * s
         if kind == "v":
             return xt / (s * s + 1) - out * s / torch.sqrt(s * s + 1)
+        if kind == "flow_cosmos":   # ComfyUI's COSMOS_RFLOW: t = σ/(σ+1), input x_t·(1−t)
+            t = s / (s + 1)
+            return xt * (1 - t) - w * (xt * (1 - t)) * t
         return xt - out * s
     return apply
 
 
-@pytest.mark.parametrize("kind", ["eps", "v", "flow"])
+@pytest.mark.parametrize("kind", ["eps", "v", "flow", "flow_cosmos"])
 def test_objective_loss_equals_sdscripts_per_model(kind):
     g = torch.Generator().manual_seed(9)
     x0 = torch.randn(2, 4, 6, 6, generator=g)
     noise = torch.randn(2, 4, 6, 6, generator=g)
     ip = 0.1 * torch.randn(2, 4, 6, 6, generator=g)
-    sigma = torch.tensor([0.4, 0.75]) if kind == "flow" else torch.tensor(SIGMAS[[300, 700]], dtype=torch.float32)
-    ts = sigma.double() * 1000 if kind == "flow" else torch.tensor([300, 700])
+    flow = kind.startswith("flow")
+    sigma = torch.tensor([0.4, 0.75]) if flow else torch.tensor(SIGMAS[[300, 700]], dtype=torch.float32)
+    ts = sigma.double() * 1000 if flow else torch.tensor([300, 700])
     w = 0.3
     opts = ObjectiveOptions(ip_noise_gamma=0.1, loss_type="huber", huber_c=0.2,
-                            huber_schedule="constant", weighting_scheme="cosmap" if kind == "flow" else "none",
-                            min_snr_gamma=0.0 if kind == "flow" else 5.0)
+                            huber_schedule="constant", weighting_scheme="cosmap" if flow else "none",
+                            min_snr_gamma=0.0 if flow else 5.0)
     got = so.objective_loss(_model(kind, w), _Sampling(kind), kind, x0,
                             so.Draw(noise, sigma, ts, ip), opts)
     # sd-scripts: x_t from noise + γξ, target from the noise alone, in the model's output space
     x0n, nn_, ipn, s = (a.double().numpy() for a in (x0, noise, ip, sigma))
     s4 = s[:, None, None, None]
-    if kind == "flow":
+    if flow:   # the same velocity and target in both parametrisations of the flow
         xt = (1 - s4) * x0n + s4 * (nn_ + ipn)
         pred, target = w * xt, nn_ - x0n
     else:
@@ -326,10 +330,10 @@ def test_objective_loss_equals_sdscripts_per_model(kind):
             target = np.sqrt(ac) * nn_ - np.sqrt(1 - ac) * x0n
     c = 0.2
     elem = 2 * c * (np.sqrt((pred - target) ** 2 + c ** 2) - c)
-    if kind == "flow":
+    if flow:
         elem = elem * (2 / (math.pi * (1 - 2 * s4 + 2 * s4 ** 2)))
     per = elem.mean(axis=(1, 2, 3))
-    if kind != "flow":
+    if not flow:
         snr = 1 / s ** 2
         per = per * np.minimum(snr, 5.0) / (snr + 1 if kind == "v" else snr)
     assert float(got) == pytest.approx(per.mean(), rel=1e-5)

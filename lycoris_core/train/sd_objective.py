@@ -9,7 +9,8 @@ kind decides which options apply:
   timesteps in [min_timestep, max_timestep); noise offset / multires noise; the SNR-based loss
   weights (min_snr_gamma, debiased estimation, the v-prediction scalings) after the per-sample mean.
 - "flow": rectified flow (Anima), x_t = σ·n + (1−σ)·x0, target n − x0, σ drawn by
-  timestep_sampling; weighting_scheme weights the per-element loss.
+  timestep_sampling; weighting_scheme weights the per-element loss. "flow_cosmos" is the same
+  flow in ComfyUI's Cosmos-RFlow parametrisation (its σ is t/(1−t), its x_t is x0 + σ·n).
 
 The prediction and target are compared in the model's own output space: ε for "eps", v for "v"
 (v = √ᾱ·n − √(1−ᾱ)·x0), the velocity n − x0 for "flow"; the target is made with the noise
@@ -30,7 +31,8 @@ LOSS_TYPES = ("l2", "l1", "huber", "smooth_l1")
 HUBER_SCHEDULES = ("snr", "exponential", "constant")
 TIMESTEP_SAMPLINGS = ("default", "uniform", "sigmoid", "shift", "sigma", "flux_shift")
 WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "cosmap", "sigma_sqrt")
-MODEL_KINDS = ("eps", "v", "flow")
+MODEL_KINDS = ("eps", "v", "flow", "flow_cosmos")
+FLOW_KINDS = ("flow", "flow_cosmos")
 NUM_TRAIN_TIMESTEPS = 1000
 SNR_CAP = 1000.0
 """sd-scripts caps the SNR at 1000 in the debiased / v-prediction scalings (t = 0 is ~inf)."""
@@ -99,7 +101,7 @@ class ObjectiveOptions:
         if kind not in MODEL_KINDS:
             raise ValueError(f"unsupported model kind {kind!r} (expected one of {MODEL_KINDS})")
         set_ = self.non_defaults()
-        if kind == "flow":
+        if kind in FLOW_KINDS:
             sd_only = ("noise_offset", "noise_offset_random_strength", "adaptive_noise_scale",
                        "multires_noise_iterations", "multires_noise_discount", "min_snr_gamma",
                        "debiased_estimation_loss", "scale_v_pred_loss_like_noise_pred",
@@ -362,7 +364,7 @@ def draw_inputs(model_sampling, kind: str, x0: torch.Tensor, opts: ObjectiveOpti
     """Noise, σ and timesteps for a batch, as sd-scripts draws them for this kind of model."""
     b = x0.shape[0]
     noise = torch.randn(x0.shape).to(x0.device)
-    if kind == "flow":
+    if kind in FLOW_KINDS:
         sigma = sample_flow_sigmas(opts, b, tuple(x0.shape[-2:]))
         timesteps = sigma.double() * NUM_TRAIN_TIMESTEPS
     else:
@@ -396,11 +398,20 @@ def objective_loss(apply_model: Callable[..., torch.Tensor], model_sampling, kin
     mean per item, SNR post-processing (eps / v), mean.
     """
     shape = (-1,) + (1,) * (x0.dim() - 1)
-    s = draw.sigma.to(x0.device, torch.float32).reshape(shape)
+    sigma = draw.sigma
+    if kind == "flow_cosmos":  # the host's σ of flow time t, kept finite
+        sigma = sigma.clamp(max=1.0 - FLOW_SIGMA_MIN)
+        sigma = sigma / (1.0 - sigma)
+    s = sigma.to(x0.device, torch.float32).reshape(shape)
     noisy_noise = draw.noise if draw.ip_noise is None else draw.noise + draw.ip_noise
     xt = model_sampling.noise_scaling(s, noisy_noise, x0, False)
-    denoised = apply_model(xt, draw.sigma.to(x0.device), **model_kwargs)
-    if kind == "v":  # v̂ = (√ᾱ·x_vp − x̂0)/√(1−ᾱ) with ᾱ = 1/(1+σ²), x_vp = √ᾱ·x_t
+    denoised = apply_model(xt, sigma.to(x0.device), **model_kwargs)
+    if kind == "flow_cosmos":  # back to flow space: x_flow = x_t·(1−t), velocity (x_flow − x̂0)/t
+        k = 1.0 / (1.0 + s)
+        t = s * k
+        pred = (xt * k - denoised.float()) / t
+        target = (model_sampling.noise_scaling(s, draw.noise, x0, False) * k - x0) / t
+    elif kind == "v":  # v̂ = (√ᾱ·x_vp − x̂0)/√(1−ᾱ) with ᾱ = 1/(1+σ²), x_vp = √ᾱ·x_t
         k = torch.sqrt(1.0 + s * s)
         pred = (xt / (k * k) - denoised.float()) * k / s
         target = (draw.noise - s * x0) / k
@@ -409,12 +420,12 @@ def objective_loss(apply_model: Callable[..., torch.Tensor], model_sampling, kin
         target = (model_sampling.noise_scaling(s, draw.noise, x0, False) - x0) / s
     c = huber_threshold(opts, draw.timesteps, draw.sigma)
     loss = conditional_loss(pred, target, opts.loss_type, c)
-    if kind == "flow" and opts.weighting_scheme in ("sigma_sqrt", "cosmap"):
+    if kind in FLOW_KINDS and opts.weighting_scheme in ("sigma_sqrt", "cosmap"):
         loss = loss * flow_loss_weighting(opts.weighting_scheme, draw.sigma).to(
             loss.device, loss.dtype).reshape(shape)
     if opts.masked_loss and mask is not None:
         loss = apply_mask(loss, mask)
     loss = loss.mean(dim=tuple(range(1, loss.dim())))
-    if kind != "flow":
+    if kind not in FLOW_KINDS:
         loss = post_process_loss(loss, snr_of_sigma(draw.sigma), opts, kind == "v")
     return loss.mean()
