@@ -383,3 +383,75 @@ def test_option_values_are_checked():
         ObjectiveOptions().check_model("flow", 100, 900)
     ObjectiveOptions(min_snr_gamma=5.0, noise_offset=0.05).check_model("eps")   # fine on SDXL
     ObjectiveOptions(timestep_sampling="shift", discrete_flow_shift=3.0).check_model("flow")
+
+
+# --- the exported sd-scripts command -------------------------------------------------------------
+
+def _other(name: str, value):
+    """A value other than sd-scripts' default for option `name`."""
+    if isinstance(value, bool):
+        return True
+    if isinstance(value, int):
+        return value + 3
+    if isinstance(value, float):
+        return value + 0.25
+    choices = {"loss_type": so.LOSS_TYPES, "huber_schedule": so.HUBER_SCHEDULES,
+               "timestep_sampling": so.TIMESTEP_SAMPLINGS, "weighting_scheme": so.WEIGHTING_SCHEMES}
+    return next(c for c in choices[name] if c not in (value, "default"))
+
+
+@pytest.mark.parametrize("arch", ["sdxl", "anima"])
+def test_sdscripts_command_carries_every_option(arch):
+    import shlex
+    from dataclasses import fields
+
+    from lycoris_core.train.loop import TrainConfig
+    from lycoris_core.train.network import NetworkConfig
+    from lycoris_core.train.sdscripts import sdscripts_command
+
+    every = {f.name: _other(f.name, f.default) for f in fields(ObjectiveOptions)}
+    opts = ObjectiveOptions(**every)
+    cfg = TrainConfig(optimizer="AdamW", lr_scheduler="polynomial", lr_scheduler_power=2.0,
+                      optimizer_args={"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-7})
+    cmd = shlex.split(sdscripts_command(arch, NetworkConfig(), cfg, output_name="x",
+                                        objective=opts, v_parameterization=True))
+    for name, value in every.items():
+        assert f"--{name}" in cmd, name
+        if not isinstance(value, bool):
+            got = cmd[cmd.index(f"--{name}") + 1]
+            assert (float(got) == value) if not isinstance(value, str) else got == value, name
+    i = cmd.index("--optimizer_args")
+    assert cmd[i + 1: i + 4] == ["weight_decay=0.1", "betas=0.9,0.99", "eps=1e-07"]
+    assert cmd[cmd.index("--lr_scheduler_power") + 1] == "2.0" and "--v_parameterization" in cmd
+    # defaults: nothing for SDXL; Anima's timestep options spelled out (default → sigmoid)
+    plain = shlex.split(sdscripts_command(arch, NetworkConfig(), TrainConfig(), output_name="x",
+                                          objective=ObjectiveOptions()))
+    flow = {"--timestep_sampling": "sigmoid", "--sigmoid_scale": "1", "--discrete_flow_shift": "1",
+            "--weighting_scheme": "none"}
+    got = {k: plain[plain.index(k) + 1] for k in flow if k in plain}
+    assert got == (flow if arch == "anima" else {})
+    assert not any(f"--{f.name}" in plain for f in fields(ObjectiveOptions) if f"--{f.name}" not in flow)
+
+
+def test_optimizer_args_parse_and_reach_the_optimizer():
+    from lycoris_core.train.optimizers import available_optimizers, build, parse_optimizer_args
+
+    args = parse_optimizer_args("weight_decay=0.1 betas=0.9,0.99 eps=1e-7 amsgrad=true")
+    assert args == {"weight_decay": 0.1, "betas": (0.9, 0.99), "eps": 1e-7, "amsgrad": True}
+    p = torch.nn.Parameter(torch.zeros(3))
+    opt = build("AdamW", [{"params": [p]}], 1e-3, {"weight_decay": 0.01}, args)
+    g = opt.param_groups[0]
+    assert (g["weight_decay"], g["betas"], g["eps"], g["amsgrad"]) == (0.1, (0.9, 0.99), 1e-7, True)
+    assert build("AdamW", [{"params": [p]}], 1e-3, {"weight_decay": 0.01}, {}).param_groups[0][
+        "weight_decay"] == 0.01                                   # sd-scripts: torch's default
+    for bad, name in [("momentum=0.9", "momentum"), ("betas=0.9,1.2", "betas"), ("eps=0", "eps"),
+                      ("weight_decay=-1", "weight_decay"), ("eps=nan", "eps"), ("x", "key=value"),
+                      ("lr=__import__('os')", "lr")]:
+        with pytest.raises(ValueError, match=name):
+            build("AdamW", [{"params": [p]}], 1e-3, {}, parse_optimizer_args(bad))
+    assert available_optimizers()[:4] == ("AdamW", "Adam", "SGD", "Adafactor")
+    for extra, package in [("Lion", "lion-pytorch"), ("Prodigy", "prodigyopt"),
+                           ("AdamW8bit", "bitsandbytes")]:
+        if extra not in available_optimizers():   # not installed here: offered only when it is
+            with pytest.raises(ValueError, match=package):
+                build(extra, [{"params": [p]}], 1e-3, {}, {})
