@@ -154,3 +154,23 @@ def test_zero_terminal_snr_equals_comfyui_rescale(host):
     # the timestep of a sigma follows the rescaled table (consistent noise level ↔ timestep)
     assert float(after.timestep(after.sigmas[500:501])) == pytest.approx(500, abs=1e-3)
     assert opts.model_kind(after) == "eps"
+
+
+def test_masked_loss_reads_the_latent_mask(executor, host):
+    """masked_loss with ComfyUI's own SolidMask → SetLatentNoiseMask: a zero mask gives a zero
+    loss; a mask of ones gives exactly the unmasked run's losses."""
+    def run(value, masked):
+        g = options_graph("sdxl", {"masked_loss": masked}, steps=2,
+                          output_name=f"lycoris/masked_{value}_{masked}")
+        if value is not None:
+            g["7"] = {"class_type": "SolidMask", "inputs": {"value": value, "width": 64,
+                                                            "height": 64}}
+            g["8"] = {"class_type": "SetLatentNoiseMask", "inputs": {"samples": ["2", 0],
+                                                                     "mask": ["7", 0]}}
+            g["4"]["inputs"]["latents"] = ["8", 0]
+        res = executor.run(g)
+        assert res.ok, (res.node_errors, res.execution_error)
+        return read_state(Path(res.outputs("4")[1]))[1]["losses"]
+    assert run(0.0, True) == [0.0, 0.0]
+    plain = run(None, False)
+    assert run(1.0, True) == plain and all(x > 0 for x in plain)
