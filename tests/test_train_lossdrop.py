@@ -26,13 +26,11 @@ def _pack(module: str):
     return sys.modules[f"{comfy_host.PACK_MODULE}.{module}"]
 
 
-def _fresh(seed: int = 0):
-    from host_nodes import models
+def _fresh():
+    """The tiny SDXL, with the factory current ComfyUI's trainer deep-copies a model with."""
+    from bench.bench_train import _fresh_model
 
-    with torch.inference_mode():
-        mp = models.sdxl_model("tiny", seed)
-    mp.cached_patcher_init = (_fresh, (seed,))   # current ComfyUI's trainer deep-copies with it
-    return mp
+    return _fresh_model("sdxl")
 
 
 def paired_loss(model, draws: int = 24, net=None) -> float:
