@@ -19,19 +19,21 @@ from comfy_api.latest import io
 from ..lycoris_core.keymap import detect_architecture
 from ..lycoris_core.paths import is_within
 from ..lycoris_core.train import checkpoint as ckpt
-from ..lycoris_core.train.loop import OPTIMIZERS, SCHEDULERS, TrainConfig, Trainer
+from ..lycoris_core.train.loop import SCHEDULERS, TrainConfig, Trainer
 from ..lycoris_core.train.network import LycorisNetwork, NetworkConfig
 from ..lycoris_core.train.objective import (
     gradient_checkpointing,
     loss_curve_image,
     release_inference_tensors,
 )
+from ..lycoris_core.train.optimizers import available_optimizers
 from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, write_text
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
 from .outputs import output_file
 from .patching import apply_adapter
-from .train_data import CaptionEncoder, Objective, training_items
+from .train_data import CaptionEncoder, training_items
 from .train_ops import differentiable_ops
+from .train_options import TRAIN_OPTION_NODES, make_objective, prepare_patcher, training_options_input
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -91,8 +93,8 @@ def _inputs() -> list:
           "train the LLM adapter blocks."),
         F("loraplus_lr_ratio", default=0.0, min=0.0, max=1000.0, step=0.5, tooltip="network_args "
           "loraplus_lr_ratio: learning rate × ratio for hada_w2_a / lokr_w1 (0 = off)."),
-        C("optimizer", options=list(OPTIMIZERS), default="AdamW", tooltip="sd-scripts "
-          "--optimizer_type (torch implementations)."),
+        C("optimizer", options=list(available_optimizers()), default="AdamW", tooltip="sd-scripts "
+          "--optimizer_type (torch's; Lion, Prodigy, AdamW8bit when their package is installed)."),
         F("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-6, round=False,
           tooltip="--learning_rate (also the UNet/DiT learning rate)."),
         C("lr_scheduler", options=list(SCHEDULERS), default="constant", tooltip="--lr_scheduler."),
@@ -123,6 +125,7 @@ def _inputs() -> list:
           "it starts from its weights."),
         B("write_sdscripts_config", default=False, tooltip="Also write the equivalent "
           "sd-scripts command line (.sdscripts.sh) and dataset TOML for multi-GPU training."),
+        training_options_input(),
     ]
 
 
@@ -194,6 +197,9 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         raise ValueError("min_timestep must be smaller than max_timestep")
     lat, conds, texts = training_items(latents, positive, clip, captions)
     net_cfg, cfg = _network_config(o), _train_config(o)
+    topts = o.get("training_options")  # LyCORISTrainingOptions, or None: the plain objective
+    if topts is not None:
+        cfg = topts.train_config(cfg)
     resume_path = _resolve_resume(o["resume_from"])
     out_file = output_file(o["output_name"])  # <output>/<name>_NNNNN_.safetensors, never outside
     filename = out_file.name[: -len(".safetensors")].rstrip("_").rsplit("_", 1)[0]
@@ -201,6 +207,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
     save_dtype = DTYPES[o["save_precision"]]
 
     patcher = model.clone()
+    prepare_patcher(patcher, topts)
     te = clip.clone() if clip is not None else None
     mm.load_models_gpu([patcher] + ([te.patcher] if te else []), memory_required=1e20,
                        force_full_load=True)
@@ -222,9 +229,9 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
             m.requires_grad_(False)
         named = named_layers()
         encoder = CaptionEncoder(te, texts) if te is not None else None
-        objective = Objective(patcher, lat, conds, mm.get_torch_device(),
-                              DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"],
-                              encoder=encoder)
+        objective = make_objective(topts, patcher, lat, conds, mm.get_torch_device(),
+                                   DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"],
+                                   encoder=encoder, latents=latents)
         trainer = Trainer(net, cfg, objective, len(lat))
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
@@ -257,7 +264,9 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                                 training_dtype=o["training_dtype"], save_precision=o["save_precision"],
                                 gradient_checkpointing=o["gradient_checkpointing"],
                                 min_timestep=o["min_timestep"], max_timestep=o["max_timestep"],
-                                train_text_encoder=te is not None)
+                                train_text_encoder=te is not None,
+                                objective=topts.objective if topts is not None else None,
+                                v_parameterization=getattr(objective, "kind", None) == "v")
         write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + "\n")
     new_model, new_clip, _ = apply_adapter(model, clip, str(final), 1.0, 1.0, node="TrainLyCORIS")
     return new_model, str(final), loss_curve_image(trainer.losses), new_clip
@@ -297,4 +306,4 @@ class TrainLyCORIS(io.ComfyNode):
         return io.NodeOutput(m, path, img, new_clip)
 
 
-TRAIN_NODES = [TrainLyCORIS]
+TRAIN_NODES = [TrainLyCORIS, *TRAIN_OPTION_NODES]

@@ -178,11 +178,14 @@ class Objective:
         with self._autocast():  # the text encoders too run in the training dtype
             groups = self._groups(idx)
         for members, conds in groups:
-            x0 = torch.cat([self.x0[i] for i in members])
-            noise = torch.randn(x0.shape).to(self.device)
-            sigma = sample_sigmas(self.sampling, len(members), self.min_t, self.max_t)
-            with self._autocast():
-                loss = diffusion_loss(self.base.apply_model, self.sampling, x0, noise, sigma,
-                                      transformer_options=self.options, **self._kwargs(conds))
-            total = total + loss * (len(members) / len(idx))
+            total = total + self._group_loss(members, conds) * (len(members) / len(idx))
         return total
+
+    def _group_loss(self, members: list[int], conds: list[dict]) -> torch.Tensor:
+        """The loss of items that run as one batch (noise and timesteps drawn here)."""
+        x0 = torch.cat([self.x0[i] for i in members])
+        noise = torch.randn(x0.shape).to(self.device)
+        sigma = sample_sigmas(self.sampling, len(members), self.min_t, self.max_t)
+        with self._autocast():
+            return diffusion_loss(self.base.apply_model, self.sampling, x0, noise, sigma,
+                                  transformer_options=self.options, **self._kwargs(conds))

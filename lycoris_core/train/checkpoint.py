@@ -18,6 +18,7 @@ import torch
 from ..convert import sdscripts_hashes
 from ..safetensors_io import load_tensors, save_safetensors
 from .loop import Trainer
+from .optimizers import EXTRA_OPTIMIZERS, format_optimizer_args
 
 STATE_KEY = "lycoris_train_state"
 STATE_SUFFIX = ".train_state.safetensors"
@@ -39,7 +40,8 @@ def save_adapter(trainer: Trainer, path: str | Path, arch: str,
     info = {
         "ss_steps": str(trainer.step), "ss_max_train_steps": str(cfg.steps),
         "ss_learning_rate": str(cfg.learning_rate), "ss_lr_scheduler": cfg.lr_scheduler,
-        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps), "ss_optimizer": _optimizer_name(cfg.optimizer),
+        "ss_lr_warmup_steps": str(cfg.lr_warmup_steps),
+        "ss_optimizer": _optimizer_name(cfg.optimizer, cfg.optimizer_args),
         "ss_batch_size_per_device": str(cfg.batch_size),
         "ss_gradient_accumulation_steps": str(cfg.grad_accumulation),
         "ss_max_grad_norm": str(cfg.max_grad_norm), "ss_seed": str(cfg.seed),
@@ -52,9 +54,14 @@ def save_adapter(trainer: Trainer, path: str | Path, arch: str,
     return save_safetensors(tensors, path, md)
 
 
-def _optimizer_name(name: str) -> str:
-    return {"AdamW": "torch.optim.adamw.AdamW", "Adam": "torch.optim.adam.Adam",
-            "SGD": "torch.optim.sgd.SGD", "Adafactor": "torch.optim.adafactor.Adafactor"}[name]
+def _optimizer_name(name: str, args: dict | None = None) -> str:
+    """sd-scripts' ss_optimizer: the class path, with the optimizer_args in parentheses."""
+    base = {"AdamW": "torch.optim.adamw.AdamW", "Adam": "torch.optim.adam.Adam",
+            "SGD": "torch.optim.sgd.SGD", "Adafactor": "torch.optim.adafactor.Adafactor"}.get(name)
+    if base is None:
+        module, cls, _ = EXTRA_OPTIMIZERS[name]
+        base = f"{module}.{cls}"
+    return base + (f"({','.join(format_optimizer_args(args))})" if args else "")
 
 
 def save_state(trainer: Trainer, adapter_path: str | Path) -> Path:

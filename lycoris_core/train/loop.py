@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import optimizers
 from .network import LycorisNetwork
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "Adafactor")
@@ -39,10 +40,12 @@ class TrainConfig:
     max_grad_norm: float = 1.0          # sd-scripts default; 0 disables clipping
     seed: int = 0
     save_every: int = 0                 # sd-scripts --save_every_n_steps; 0: only at the end
+    optimizer_args: dict = field(default_factory=dict)  # --optimizer_args (optimizers.parse_…)
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS + tuple(optimizers.EXTRA_OPTIMIZERS):
+            raise ValueError(f"optimizer must be one of {optimizers.available_optimizers()}, "
+                             f"got {self.optimizer!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         for n in ("steps", "batch_size", "grad_accumulation"):
@@ -83,13 +86,8 @@ def lr_lambda(name: str, warmup: int, total: int, num_cycles: int = 1,
 def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimizer:
     clean = [{k: v for k, v in g.items() if k != "name"} | {"name": g.get("name", "")}
              for g in groups]
-    if cfg.optimizer == "AdamW":
-        return torch.optim.AdamW(clean, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "Adam":
-        return torch.optim.Adam(clean, lr=cfg.learning_rate)
-    if cfg.optimizer == "SGD":
-        return torch.optim.SGD(clean, lr=cfg.learning_rate)
-    return torch.optim.Adafactor(clean, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    defaults = {"weight_decay": cfg.weight_decay} if cfg.optimizer in ("AdamW", "Adafactor") else {}
+    return optimizers.build(cfg.optimizer, clean, cfg.learning_rate, defaults, cfg.optimizer_args)
 
 
 LossFn = Callable[[list[int]], torch.Tensor]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 from .loop import TrainConfig
 from .network import SS_MODULES, NetworkConfig, _num
+from .optimizers import format_optimizer_args
+from .sd_objective import ObjectiveOptions
 
 SCRIPTS = {"sdxl": "sdxl_train_network.py", "anima": "anima_train_network.py",
            "cosmos_predict2": "anima_train_network.py"}
@@ -24,8 +26,10 @@ def sdscripts_command(arch: str, net: NetworkConfig, cfg: TrainConfig, *, output
                       training_dtype: str = "bf16", save_precision: str = "fp32",
                       gradient_checkpointing: bool = False, min_timestep: int = 0,
                       max_timestep: int = 1000, model_path: str = "<path to the base model>",
-                      num_processes: int = 2) -> str:
-    """A shell command running the same training under `accelerate launch`."""
+                      num_processes: int = 2, objective: ObjectiveOptions | None = None,
+                      v_parameterization: bool = False) -> str:
+    """A shell command running the same training under `accelerate launch`; `objective` adds
+    sd-scripts' noise / timestep / loss options (LyCORISTrainingOptions)."""
     t = net.targets
     args: list[str] = [
         "accelerate", "launch", f"--num_processes={num_processes}", "--multi_gpu",
@@ -55,18 +59,48 @@ def sdscripts_command(arch: str, net: NetworkConfig, cfg: TrainConfig, *, output
         args += ["--text_encoder_lr", repr(cfg.text_encoder_lr)]
     if cfg.save_every:
         args += ["--save_every_n_steps", str(cfg.save_every)]
+    opt_args = dict(cfg.optimizer_args)
     if cfg.optimizer in ("AdamW", "Adafactor") and cfg.weight_decay != 0.01:
-        args += ["--optimizer_args", f"weight_decay={cfg.weight_decay}"]
+        opt_args.setdefault("weight_decay", cfg.weight_decay)
+    if opt_args:
+        args += ["--optimizer_args", *format_optimizer_args(opt_args)]
     if min_timestep:
         args += ["--min_timestep", str(min_timestep)]
     if max_timestep != 1000:
         args += ["--max_timestep", str(max_timestep)]
     if gradient_checkpointing:
         args.append("--gradient_checkpointing")
+    if v_parameterization:
+        args.append("--v_parameterization")
+    if objective is not None:
+        args += objective_args(arch, objective)
     if not train_text_encoder:
         args.append("--network_train_unet_only")
     args.append("--cache_latents")
     return " ".join(shlex.quote(a) for a in args)
+
+
+FLOW_ARGS = ("timestep_sampling", "sigmoid_scale", "discrete_flow_shift", "weighting_scheme")
+
+
+def objective_args(arch: str, objective: ObjectiveOptions) -> list[str]:
+    """sd-scripts arguments for every non-default objective option (flags for booleans); for
+    Anima its timestep options always, 'default' written as the Anima trainer's 'sigmoid'."""
+    items = objective.non_defaults()
+    if arch in ("anima", "cosmos_predict2"):
+        for name in FLOW_ARGS:
+            items.setdefault(name, getattr(objective, name))
+        if items["timestep_sampling"] == "default":
+            items["timestep_sampling"] = "sigmoid"
+    out: list[str] = []
+    for name, value in items.items():
+        if isinstance(value, bool):
+            out += [f"--{name}"] if value else []
+        elif isinstance(value, str):
+            out += [f"--{name}", value]
+        else:
+            out += [f"--{name}", _num(value) if isinstance(value, float) else str(value)]
+    return out
 
 
 def dataset_toml(image_dir: str = "<folder with images and .txt captions>", *, resolution: int = 1024,
