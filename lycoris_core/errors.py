@@ -13,6 +13,7 @@ class AdapterError(ValueError):
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
         self.file = file
         self.key = key
+        self.detail = message  # the message without the file prefix (to name the file otherwise)
         parts = []
         if file:
             parts.append(f"{file}")
