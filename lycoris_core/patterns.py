@@ -25,7 +25,7 @@ import re
 import time
 from collections.abc import Iterable
 
-from .limits import excerpt
+from .limits import EXCERPT_CHARS
 
 try:  # the engine with match timeouts; optional (see the module docstring)
     import regex as _regex
@@ -50,6 +50,11 @@ MAX_VARIABLE_REPEATS = 3
 
 _REPEATS = {_sre_c.MAX_REPEAT, _sre_c.MIN_REPEAT} | (
     {_sre_c.POSSESSIVE_REPEAT} if hasattr(_sre_c, "POSSESSIVE_REPEAT") else set())
+
+
+def _show(p: str) -> str:
+    """The pattern as the user typed it (no escaping), cut to an excerpt."""
+    return f"'{p[:EXCERPT_CHARS]}{'…' if len(p) > EXCERPT_CHARS else ''}'"
 
 
 class PatternError(ValueError):
@@ -115,24 +120,24 @@ class PatternSet:
         if not isinstance(p, str):
             raise PatternError(f"{self.what}: patterns must be strings, got {type(p).__name__}")
         if len(p) > MAX_PATTERN_CHARS:
-            raise PatternError(f"{self.what}: the pattern {excerpt(p)} is {len(p)} characters long; "
+            raise PatternError(f"{self.what}: the pattern {_show(p)} is {len(p)} characters long; "
                                f"at most {MAX_PATTERN_CHARS} are accepted")
         try:
             compiled = re.compile(p)  # the syntax users know (sd-scripts uses `re`)
             if self.engine == "regex":
                 return _regex.compile(p)
         except _ERRORS as exc:
-            raise PatternError(f"{self.what}: invalid regular expression {excerpt(p)}: {exc}") from None
+            raise PatternError(f"{self.what}: invalid regular expression {_show(p)}: {exc}") from None
         why = _refuse_reason(p)
         if why:
-            raise PatternError(f"{self.what}: the pattern {excerpt(p)} is refused: {why} (without the "
+            raise PatternError(f"{self.what}: the pattern {_show(p)} is refused: {why} (without the "
                                "'regex' package, patterns are limited to forms that cannot run away); "
                                "simplify it")
         return compiled
 
     def _too_slow(self, p: str) -> PatternError:
         return PatternError(
-            f"{self.what}: the pattern {excerpt(p)} takes too long to match the module paths (more "
+            f"{self.what}: the pattern {_show(p)} takes too long to match the module paths (more "
             f"than {self.budget:g} s in all; a repeat of something that can match in several ways, "
             "such as '(.+)+' or '(a|aa)*', backtracks exponentially); simplify it")
 
