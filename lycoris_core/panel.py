@@ -21,6 +21,7 @@ from .adapter import load_adapter
 from .errors import AdapterError
 
 MAX_META_CHARS = 4000  # long metadata values (tag frequencies, dataset dirs) are cut for the panel
+MAX_NAMES = 200  # name lists (unmatched, unknown_keys) are cut; "<list>_total" gives the full count
 
 
 def header_length(path: str | os.PathLike) -> int:
@@ -46,6 +47,10 @@ def summary_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
     except (ValueError, MemoryError, RecursionError) as e:
         return _error(name, f"cannot summarise the file ({type(e).__name__})")
     summary["file"] = name
+    for field in ("unmatched", "unknown_keys"):
+        names = summary.get(field) or []
+        if len(names) > MAX_NAMES:
+            summary[field], summary[f"{field}_total"] = names[:MAX_NAMES], len(names)
     summary["metadata"] = {k: (v if len(str(v)) <= MAX_META_CHARS else str(v)[:MAX_META_CHARS] + " …")
                            for k, v in summary.get("metadata", {}).items()}
     try:
