@@ -7,7 +7,8 @@ such pattern froze the whole ComfyUI server. Two engines, chosen once at import 
 
 - `"regex"` (the `regex` package, which every ComfyUI install has through `transformers`; it is
   not a declared dependency of lycoris_core): patterns compile with it (same syntax as `re`) and
-  every match runs with `timeout=` set to what is left of the input's budget.
+  every match runs with a small `timeout=` (`MATCH_TIMEOUT_S`); a match that times out refuses
+  the input at once.
 - `"re"` (fallback when `regex` is not importable): the standard library can neither time out
   nor be interrupted, so a pattern is accepted only if its backtracking is provably small: no
   backreferences or conditionals, no variable-length repeat or alternation inside a repeat
@@ -45,6 +46,10 @@ ENGINE = "regex" if _regex is not None else "re"
 """Which engine compiles user patterns: "regex" (timeouts) or "re" (structural check)."""
 MATCH_BUDGET_S = 0.25
 """Total matching time allowed for the patterns of one input (one call of `select_targets`)."""
+MATCH_TIMEOUT_S = 0.02
+"""`timeout=` of one `regex` match (an ordinary full match of a module path takes microseconds).
+`regex` overshoots its timeout several times over (0.25 s took 1.9 s on a loaded 2-core machine,
+0.01 s took 0.08 s), so the per-match timeout is small and the budget is summed here."""
 MAX_PATTERN_CHARS = 1000
 MAX_VARIABLE_REPEATS = 3
 
@@ -148,7 +153,8 @@ class PatternSet:
                 raise self._too_slow(p)
             t0 = time.perf_counter()
             try:
-                hit = c.fullmatch(subject, timeout=left) if self.engine == "regex" else c.fullmatch(subject)
+                hit = (c.fullmatch(subject, timeout=min(left, MATCH_TIMEOUT_S)) if self.engine == "regex"
+                       else c.fullmatch(subject))
             except TimeoutError:
                 raise self._too_slow(p) from None
             finally:

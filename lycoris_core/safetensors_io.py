@@ -97,8 +97,8 @@ class SafetensorsFile:
                     raise AdapterError("not a safetensors file (too short)", file=self.path)
                 (n,) = struct.unpack("<Q", head)
                 if 8 + n > size:  # checked before anything is read: a huge sparse file costs nothing
-                    raise AdapterError("not a safetensors file (its header length does not fit the "
-                                       "file)", file=self.path)
+                    raise AdapterError("not a safetensors file, or a truncated one (the header "
+                                       "length it starts with does not fit the file)", file=self.path)
                 if n > MAX_HEADER_BYTES:
                     raise AdapterError(f"header is larger than the {MAX_HEADER_BYTES // 2**20} MiB "
                                        "limit", file=self.path)
@@ -109,7 +109,8 @@ class SafetensorsFile:
         try:
             header = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:  # its message quotes the offending byte
-            raise AdapterError("not a safetensors file (header is not UTF-8 text)", file=self.path) from None
+            raise AdapterError("not a safetensors file (header is not valid JSON: not UTF-8 text)",
+                              file=self.path) from None
         except (ValueError, RecursionError) as exc:  # bad JSON, over-deep nesting, huge ints
             raise AdapterError(f"not a safetensors file (header is not valid JSON: "
                                f"{type(exc).__name__})", file=self.path) from None
