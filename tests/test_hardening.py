@@ -357,7 +357,8 @@ def test_batch_convert_report_leaks_nothing(host, executor, tmp_path):
     sub = loras_dir(host) / "harden_batch"
     sub.mkdir(exist_ok=True)
     _secret_link(host, tmp_path, "harden_batch/linked.safetensors")
-    (sub / "bad.safetensors").write_bytes((40).to_bytes(8, "little") + b"{SECRET 987654321 not json}")
+    payload = b"{SECRET 987654321 not json}"
+    (sub / "bad.safetensors").write_bytes(len(payload).to_bytes(8, "little") + payload)
     import folder_paths
 
     folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
