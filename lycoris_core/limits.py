@@ -51,6 +51,15 @@ def check_count(n: int, what: str) -> None:
         raise AdapterError(f"{what} has {n} items; at most {MAX_ITEMS} are accepted")
 
 
+def check_strength(value: float, what: str) -> float:
+    """A strength or weight given as a number (Python / CLI callers): finite, within ±100."""
+    v = float(value)
+    if not (math.isfinite(v) and -STRENGTH_LIMIT <= v <= STRENGTH_LIMIT):
+        raise AdapterError(f"{what} is {v!r}; it must be a finite number in "
+                           f"[{-STRENGTH_LIMIT:g}, {STRENGTH_LIMIT:g}]")
+    return v
+
+
 def number_in_range(s: str, where: Callable[[], str], lo: float = -STRENGTH_LIMIT,
                     hi: float = STRENGTH_LIMIT) -> float:
     """`float(s)`, finite and in [lo, hi]; else `AdapterError` with `where()` (called only then)."""

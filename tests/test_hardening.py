@@ -382,3 +382,23 @@ def test_no_nan_reaches_a_latent_at_the_limits(host, executor):
     assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
     latent = res.outputs("6")[0]["samples"]
     assert torch.isfinite(latent).all()
+
+
+def test_core_bake_and_merge_refuse_non_finite_strengths(host, tmp_path):
+    """The Python / CLI entry points check too (the nodes' guard covers ComfyUI only)."""
+    from ui_workflows import TINY_UNET_KEYS, tiny_sdxl_shapes
+
+    from lycoris_core.bake import bake_state_dict
+    from lycoris_core.merge import FactorSpec, merge_adapters
+
+    shapes = tiny_sdxl_shapes(TINY_UNET_KEYS)
+    tensors, _ = make_adapter(shapes, "loha", seed=5)
+    adapter = lc.adapter_from_tensors(tensors, name="a.safetensors")
+    state = {k: torch.zeros(s) for k, s in shapes.items()}
+    for bad in (math.nan, math.inf, 101.0):
+        with pytest.raises(ValueError, match="finite number in"):
+            bake_state_dict(state, {k: k for k in state}, [(adapter, bad)], tmp_path / "baked.safetensors")
+        with pytest.raises(ValueError, match="finite number in"):
+            merge_adapters([(adapter, bad)], FactorSpec(rank=4), model_weights=shapes)
+    assert all(torch.equal(v, torch.zeros_like(v)) for v in state.values())
+    assert list(tmp_path.iterdir()) == []  # nothing written
