@@ -28,6 +28,7 @@ from pathlib import Path
 import folder_paths
 
 from ..lycoris_core.panel import header_length, summary_json
+from ..lycoris_core.safetensors_io import MAX_HEADER_BYTES
 from ..lycoris_core.schedule import INTERPOLATIONS, parse_schedule
 
 log = logging.getLogger("lycoris_nodes")
@@ -105,12 +106,16 @@ class MetadataCache:
             self.computed += 1
             try:
                 n = await asyncio.to_thread(header_length, path)
+                if n <= INLINE_HEADER_BYTES or n > MAX_HEADER_BYTES or n + 8 > key[2]:
+                    value = await asyncio.to_thread(summary_json, path, name)  # small, or refused unread
+                else:
+                    value = await _summary_in_child(path, name)
             except OSError as e:
                 return 422, _json({"error": f"{name}: cannot read file: {e.strerror}"})
-            if n <= INLINE_HEADER_BYTES or n + 8 > key[2]:  # small, or refused without reading
-                value = await asyncio.to_thread(summary_json, path, name)
-            else:
-                value = await _summary_in_child(path, name)
+            except Exception as e:  # never a traceback or a path in the answer; not cached
+                log.warning("lycoris_nodes: metadata of %s failed: %r", name, e)
+                return 500, _json({"error": f"{name}: the file could not be summarised "
+                                            f"({type(e).__name__})"})
         self._put(key, value)
         return value
 
