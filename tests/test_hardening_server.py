@@ -209,24 +209,17 @@ def test_metadata_route_under_load(server):
         first_burst = time.perf_counter() - t0
         done.set()
         poller.join()
-    t1 = time.perf_counter()
-    with ThreadPoolExecutor(20) as pool:
-        cached = list(pool.map(lambda _: _get(f"{url}/api/lycoris/metadata?lora_name={BIG}", 120),
-                               range(20)))
-    second_burst = time.perf_counter() - t1
-    rss_after = _rss(pid)
-
     lat.sort()
     figures = {
         "modules": server["modules"], "header_MiB": round(os.path.getsize(
             server["base"] / "models" / "loras" / BIG) / MiB, 1),
-        "first_burst_s": round(first_burst, 2), "second_burst_s": round(second_burst, 3),
+        "first_burst_s": round(first_burst, 2),
         "baseline_ms": {"median": round(statistics.median(baseline) * 1e3, 1),
                         "max": round(max(baseline) * 1e3, 1)},
         "under_load_ms": {"n": len(lat), "median": round(statistics.median(lat) * 1e3, 1),
                           "p95": round(lat[int(0.95 * (len(lat) - 1))] * 1e3, 1),
                           "max": round(lat[-1] * 1e3, 1)},
-        "server_rss_MiB": {"before": rss0 // MiB, "peak": peak["server"] // MiB, "after": rss_after // MiB},
+        "server_rss_MiB": {"before": rss0 // MiB, "peak": peak["server"] // MiB},
         "tree_rss_MiB": {"before": tree0 // MiB, "peak": peak["tree"] // MiB},
     }
     print("\nmetadata load test:", json.dumps(figures))
@@ -238,7 +231,14 @@ def test_metadata_route_under_load(server):
     assert peak["server"] - rss0 < 256 * MiB, figures
     # one child process summarises the file once, for all 20 requests: the tree stays < 2 GiB more
     assert peak["tree"] - tree0 < 2048 * MiB, figures
-    assert second_burst < 30, figures  # from the cache (typically < 1 s)
+
+    t1 = time.perf_counter()  # a second burst is answered from the cache
+    with ThreadPoolExecutor(20) as pool:
+        cached = list(pool.map(lambda _: _get(f"{url}/api/lycoris/metadata?lora_name={BIG}", 120),
+                               range(20)))
+    second_burst = time.perf_counter() - t1
+    print("second burst (cached):", round(second_burst, 3), "s; server RSS after:", _rss(pid) // MiB, "MiB")
+    assert second_burst < 30, second_burst  # typically < 0.05 s
     statuses = {s for s, _ in answers + cached}
     bodies = {raw for _, raw in answers + cached}
     assert statuses == {200} and len(bodies) == 1, (statuses, [r[:300] for r in list(bodies)[:2]])
