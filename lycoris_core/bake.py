@@ -22,6 +22,7 @@ from .adapter import Adapter
 from .algos import AdapterModule
 from .errors import AdapterError
 from .keymap import KeyMap
+from .limits import check_strength
 from .safetensors_io import (
     FLOAT_DTYPES,
     ST_DTYPE_NAMES,
@@ -102,6 +103,7 @@ def plan_bake(shapes: Mapping[str, tuple[int, ...]], key_of: Mapping[str, str],
     plan: dict[str, list[tuple[float, AdapterModule]]] = {}
     uses: list[AdapterUse] = []
     for adapter, strength in adapters:
+        check_strength(strength, f"the strength of {os.path.basename(adapter.path)}")
         res = adapter.resolve(keymap)
         if not res.matched:
             raise AdapterError(f"none of its {len(adapter.modules)} modules matches a weight of the "

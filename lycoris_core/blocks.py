@@ -23,8 +23,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .errors import AdapterError, finite_number
+from .errors import AdapterError
 from .keymap import block_of
+from .limits import bounded_text, excerpt, number_in_range, split_items
 
 PRESETS: dict[str, str] = {
     "ALL": "",
@@ -98,20 +99,20 @@ def _targets(name: str, text: str) -> list[str]:
         lo = int(m.group(2))
         hi = int(m.group(3)) if m.group(3) is not None else lo
         if hi < lo or hi > _RANGE_LIMIT[kind]:
-            raise AdapterError(f"block range '{name}' is not valid (0–{_RANGE_LIMIT[kind]}) in "
-                               f"block weights {text!r}")
+            raise AdapterError(f"block range '{name[:80]}' is not valid (0–{_RANGE_LIMIT[kind]}) in "
+                               f"block weights {excerpt(text)}")
         return [f"{kind}.{i}" for i in range(lo, hi + 1)]
-    raise AdapterError(f"unknown block name '{name}' in block weights {text!r}; use IN0-8, MID, "
+    raise AdapterError(f"unknown block name '{name[:80]}' in block weights {excerpt(text)}; use IN0-8, MID, "
                        f"OUT0-8, B0-27, LLM, OTHER, TE, TE1, TE2, QWEN3, UNET/DIT, * or a preset "
                        f"({', '.join(PRESETS)})")
 
 
 def _number(s: str, text: str) -> float:
-    return finite_number(s, f"in block weights {text!r}")
+    return number_in_range(s, lambda: f"in block weights {excerpt(text)}")
 
 
 def _items(text: str) -> list[str]:
-    return [t.strip() for t in re.split(r"[,;\n]", text) if t.strip()]
+    return split_items(text, "the block weights")
 
 
 @dataclass
@@ -146,9 +147,11 @@ class BlockWeights:
 def parse_block_weights(text: str | None) -> BlockWeights:
     """Parse a preset string (see the module docstring) into `BlockWeights`.
 
-    Raises `AdapterError` (a ValueError) naming the offending item.
+    Linear time; at most `limits.MAX_TEXT_CHARS` characters and `limits.MAX_ITEMS` items; values
+    finite and within ±`limits.STRENGTH_LIMIT`. Raises `AdapterError` (a ValueError) naming the
+    offending item.
     """
-    text = (text or "").strip()
+    text = bounded_text(text, "the block weights")
     out = BlockWeights(text)
     items = _items(text)
     positional = bool(items) and all(re.fullmatch(r"[-+]?[\d.eE+-]+", t) for t in items)
@@ -169,8 +172,8 @@ def _apply(out: BlockWeights, item: str, text: str, depth: int) -> None:
     if "=" not in item:
         preset = PRESETS.get(item.strip().upper())
         if preset is None:
-            raise AdapterError(f"'{item}' is neither a preset ({', '.join(PRESETS)}) nor NAME=VALUE "
-                               f"in block weights {text!r}")
+            raise AdapterError(f"'{item[:80]}' is neither a preset ({', '.join(PRESETS)}) nor NAME=VALUE "
+                               f"in block weights {excerpt(text)}")
         for sub in _items(preset):
             _apply(out, sub, text, depth + 1)
         return

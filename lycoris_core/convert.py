@@ -429,6 +429,11 @@ def format_report(reports: list[FileReport], roots: Iterable[str | os.PathLike] 
                 pass
         return str(p)
 
+    def hide_roots(text: str) -> str:  # reasons name files by their path under the roots
+        for base in bases:
+            text = text.replace(f"{base}{os.sep}", "")
+        return text
+
     lines = []
     for r in reports:
         if r.status == "converted":
@@ -438,7 +443,7 @@ def format_report(reports: list[FileReport], roots: Iterable[str | os.PathLike] 
             lines.append(f"{verb}: {show(r.source)} -> {show(r.output)} ({r.architecture}, "
                          f"{r.renamed} of {r.modules} modules renamed from {src} to {r.to}{extra})")
         else:
-            lines.append(f"{r.status}: {show(r.source)}: {r.reason}")
+            lines.append(f"{r.status}: {show(r.source)}: {hide_roots(r.reason)}")
     counts = Counter(r.status for r in reports)
     lines.append(f"total: {len(reports)} file(s): {counts['converted']} converted, "
                  f"{counts['skipped']} skipped, {counts['failed']} failed"

@@ -13,6 +13,7 @@ class AdapterError(ValueError):
     def __init__(self, message: str, *, file: str | None = None, key: str | None = None):
         self.file = file
         self.key = key
+        self.detail = message  # the message without the file prefix (to name the file otherwise)
         parts = []
         if file:
             parts.append(f"{file}")
@@ -23,11 +24,8 @@ class AdapterError(ValueError):
 
 
 def finite_number(s: str, where: str) -> float:
-    """`float(s)` for a number a user typed; `AdapterError` naming `where` if it is not finite."""
-    try:
-        value = float(s)
-    except ValueError:
-        raise AdapterError(f"'{s}' is not a number {where}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise AdapterError(f"'{s}' is not a finite number {where}")
-    return value
+    """`float(s)` for a number a user typed; `AdapterError` naming `where` if it is not finite.
+    (Kept for callers; the parsers use `limits.number_in_range`, which also bounds the value.)"""
+    from .limits import number_in_range  # limits imports this module
+
+    return number_in_range(s, lambda: where, float("-inf"), float("inf"))

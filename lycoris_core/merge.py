@@ -32,6 +32,7 @@ from .convert import comfyui_name, sdscripts_hashes, sdscripts_name
 from .errors import AdapterError
 from .keymap import TE_INNER_PREFIX, KeyMap
 from .layout import LoKrDims, lokr_layout, w2_full_shape
+from .limits import check_strength
 from .manifests import manifest
 from .safetensors_io import save_safetensors
 
@@ -165,6 +166,7 @@ def collect_groups(sources: Sequence[tuple[Adapter, float]],
     groups: dict[str, _Group] = {}
     notes: list[str] = []
     for adapter, weight in sources:
+        check_strength(weight, f"the weight of {os.path.basename(adapter.path)}")
         matched = adapter.resolve(keymap).matched if keymap is not None else {}
         unresolved = [n for n in adapter.modules if n not in matched]
         if unresolved:

@@ -91,23 +91,29 @@ class SafetensorsFile:
             size, self._stamp = st.st_size, _stamp(st)
             with open(p, "rb") as fh:
                 head = fh.read(8)
+                # No number read from the file goes into a message: it may be any file (a
+                # symlink to a secret), and its first 8 bytes must not come back as "a length".
                 if len(head) < 8:
-                    raise AdapterError(f"too short to be safetensors ({size} bytes)", file=self.path)
+                    raise AdapterError("not a safetensors file (too short)", file=self.path)
                 (n,) = struct.unpack("<Q", head)
+                if 8 + n > size:  # checked before anything is read: a huge sparse file costs nothing
+                    raise AdapterError("not a safetensors file, or a truncated one (the header "
+                                       "length it starts with does not fit the file)", file=self.path)
                 if n > MAX_HEADER_BYTES:
-                    raise AdapterError(f"header length {n} exceeds {MAX_HEADER_BYTES} bytes",
-                                       file=self.path)
-                if 8 + n > size:
-                    raise AdapterError(f"truncated: header says {n} bytes, file has {size}",
-                                       file=self.path)
+                    raise AdapterError(f"header is larger than the {MAX_HEADER_BYTES // 2**20} MiB "
+                                       "limit", file=self.path)
                 raw = fh.read(n)
         except OSError as exc:
-            raise AdapterError(f"cannot read file: {exc.strerror or exc}", file=self.path) from exc
+            raise AdapterError(f"cannot read file: {exc.strerror or type(exc).__name__}",
+                               file=self.path) from exc
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (ValueError, RecursionError) as exc:  # bad UTF-8/JSON, over-deep nesting, huge ints
-            raise AdapterError(f"header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})",
-                               file=self.path) from exc
+        except UnicodeDecodeError:  # its message quotes the offending byte
+            raise AdapterError("not a safetensors file (header is not valid JSON: not UTF-8 text)",
+                              file=self.path) from None
+        except (ValueError, RecursionError) as exc:  # bad JSON, over-deep nesting, huge ints
+            raise AdapterError(f"not a safetensors file (header is not valid JSON: "
+                               f"{type(exc).__name__})", file=self.path) from None
         if not isinstance(header, dict):
             raise AdapterError("header is not a JSON object", file=self.path)
         meta = header.pop("__metadata__", None) or {}

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import bisect
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import AdapterError, finite_number
+from .errors import AdapterError
+from .limits import bounded_text, excerpt, number_in_range, split_items
 
 INTERPOLATIONS = ("linear", "cosine", "hold")
 
@@ -127,32 +127,31 @@ class Schedule:
         return f"{self.interpolation}; {kf}"
 
 
-_ITEM_SPLIT = re.compile(r"[,;\n]")
-
-
-def _number(s: str, what: str, text: str) -> float:
-    return finite_number(s, f"({what}) in schedule {text!r}")
-
-
-def _percent(s: str, text: str) -> float:
+def _percent(s: str, where) -> float:
     s = s.strip()
-    p = _number(s[:-1], "percent", text) / 100.0 if s.endswith("%") else _number(s, "percent", text)
+    if s.endswith("%"):
+        return number_in_range(s[:-1], lambda: f"(percent) {where()}", 0.0, 100.0) / 100.0
+    p = number_in_range(s, lambda: f"(percent) {where()}", -math.inf, math.inf)
     if not 0.0 <= p <= 1.0:
-        raise AdapterError(f"keyframe percent '{s}' is outside 0–1 (0 %–100 %) in schedule {text!r}")
+        raise AdapterError(f"keyframe percent '{s[:80]}' is outside 0–1 (0 %–100 %) {where()}")
     return p
 
 
 def parse_schedule(text: str | None, interpolation: str = "linear") -> Schedule:
     """Parse the text format of the module docstring. Empty text → constant 1.
 
-    Raises `AdapterError` (a ValueError) naming the offending item.
+    Linear time; at most `limits.MAX_TEXT_CHARS` characters and `limits.MAX_ITEMS` items;
+    strengths finite and within ±`limits.STRENGTH_LIMIT`. Raises `AdapterError` (a ValueError)
+    naming the offending item.
     """
-    text = (text or "").strip()
+    text = bounded_text(text, "the schedule")
     keyframes: list[Keyframe] = []
     interp = interpolation
-    for item in (t.strip() for t in _ITEM_SPLIT.split(text)):
-        if not item:
-            continue
+
+    def where() -> str:  # built only for an error message
+        return f"in schedule {excerpt(text)}"
+
+    for item in split_items(text, "the schedule"):
         word = item.lower().replace("-", "_").replace(" ", "_")
         if word in INTERPOLATIONS:
             interp = word
@@ -162,11 +161,12 @@ def parse_schedule(text: str | None, interpolation: str = "linear") -> Schedule:
             continue
         sep = ":" if ":" in item else ("=" if "=" in item else None)
         if sep is None:
-            raise AdapterError(f"'{item}' is neither a keyframe PERCENT:STRENGTH, an interpolation "
+            raise AdapterError(f"'{item[:80]}' is neither a keyframe PERCENT:STRENGTH, an interpolation "
                                f"({', '.join(INTERPOLATIONS)}) nor a preset ({', '.join(PRESETS)}) "
-                               f"in schedule {text!r}")
+                               f"{where()}")
         p, _, s = item.partition(sep)
-        keyframes.append(Keyframe(_percent(p, text), _number(s.strip(), "strength", text)))
+        keyframes.append(Keyframe(_percent(p, where),
+                                  number_in_range(s.strip(), lambda: f"(strength) {where()}")))
     if not keyframes:
         keyframes = [Keyframe(0.0, 1.0)]
     return Schedule(tuple(keyframes), interp, text)

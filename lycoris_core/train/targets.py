@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 from ..convert import sdscripts_name
 from ..keymap import TE_INNER_PREFIX, detect_architecture
+from ..limits import bounded_text, check_count, excerpt, number_in_range
+from ..patterns import PatternSet
 
 ANIMA_DEFAULT_EXCLUDES = (r".*(_modulation|_norm|_embedder|final_layer).*",)
 DIT_ARCHS = ("anima", "cosmos_predict2")
@@ -81,45 +83,65 @@ class TargetOptions:
     def __post_init__(self) -> None:
         if self.conv_dim is not None and self.conv_alpha is None:
             self.conv_alpha = 1.0
-        for p in [*self.exclude_patterns, *self.include_patterns, *self.reg_dims, *self.reg_lrs]:
-            try:
-                re.compile(p)
-            except re.error as exc:
-                raise ValueError(f"invalid regular expression {p!r}: {exc}") from None
+        self.pattern_sets()  # every pattern compiles (and is accepted by the engine) up front
+
+    def pattern_sets(self) -> dict[str, PatternSet]:
+        """Fresh matchers (each with its own time budget) for the four user pattern inputs."""
+        return {"exclude_patterns": PatternSet(self.exclude_patterns, "exclude_patterns"),
+                "include_patterns": PatternSet(self.include_patterns, "include_patterns"),
+                "network_reg_dims": PatternSet(self.reg_dims, "network_reg_dims"),
+                "network_reg_lrs": PatternSet(self.reg_lrs, "network_reg_lrs")}
 
 
-def parse_pattern_list(text: str | None) -> list[str]:
+def parse_pattern_list(text: str | None, what: str = "patterns") -> list[str]:
     """sd-scripts' `exclude_patterns` / `include_patterns`: a Python list literal of regexes
-    (a bare string is one pattern). Parsed with `ast.literal_eval`, never evaluated."""
-    text = (text or "").strip()
+    (a bare string is one pattern). Parsed with `ast.literal_eval`, never evaluated; at most
+    `limits.MAX_TEXT_CHARS` characters and `limits.MAX_ITEMS` patterns."""
+    text = bounded_text(text, what)
     if not text:
         return []
     if not text.startswith("["):
         return [text]
     try:
         value = ast.literal_eval(text)
-    except (ValueError, SyntaxError) as exc:
-        raise ValueError(f"patterns must be a list of strings like ['a.*', 'b'], got {text!r}: {exc}") \
-            from None
+    except (ValueError, SyntaxError, RecursionError, MemoryError) as exc:
+        raise ValueError(f"{what} must be a list of strings like ['a.*', 'b'], got {excerpt(text)}: "
+                         f"{str(exc)[:200]}") from None
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"patterns must be a list of strings, got {text!r}")
+        raise ValueError(f"{what} must be a list of strings, got {excerpt(text)}")
+    check_count(len(value), what)
     return value
 
 
-def parse_kv(text: str | None, cast: type) -> dict[str, float | int]:
-    """`network_reg_dims` / `network_reg_lrs`: 'regex=value,regex=value' (first match wins)."""
+REG_LIMITS = {int: (0, 4096), float: (0.0, 10.0)}
+"""Accepted values of network_reg_dims (ranks, as network_dim) and network_reg_lrs (as learning_rate)."""
+
+
+def parse_kv(text: str | None, cast: type, what: str = "") -> dict[str, float | int]:
+    """`network_reg_dims` / `network_reg_lrs`: 'regex=value,regex=value' (first match wins).
+
+    Values are finite and within `REG_LIMITS[cast]`; at most `limits.MAX_TEXT_CHARS` characters
+    and `limits.MAX_ITEMS` pairs."""
+    what = what or ("network_reg_dims" if cast is int else "network_reg_lrs")
+    text = bounded_text(text, what)
+    pairs = [p for p in (s.strip() for s in text.split(",")) if p]
+    check_count(len(pairs), what)
+    lo, hi = REG_LIMITS.get(cast, (float("-inf"), float("inf")))
     out: dict[str, float | int] = {}
-    for pair in (text or "").split(","):
-        pair = pair.strip()
-        if not pair:
-            continue
+    for pair in pairs:
         if "=" not in pair:
-            raise ValueError(f"expected 'regex=value', got {pair!r}")
+            raise ValueError(f"{what}: expected 'regex=value', got {excerpt(pair)}")
         key, value = (s.strip() for s in pair.rsplit("=", 1))
-        try:
-            out[key] = cast(value)
-        except ValueError:
-            raise ValueError(f"bad value {value!r} for {key!r} (expected {cast.__name__})") from None
+        where = lambda k=key: f"for {excerpt(k)} in {what}"  # noqa: E731  (built only on error)
+        if cast is int:
+            if not value.isdigit() or len(value) > 9:
+                raise ValueError(f"{what}: bad value {excerpt(value)} for {excerpt(key)} (expected "
+                                 f"a whole number in [{lo}, {hi}])")
+            out[key] = int(value)
+            if not lo <= out[key] <= hi:
+                raise ValueError(f"{what}: {value} for {excerpt(key)} is outside [{lo}, {hi}]")
+        else:
+            out[key] = cast(number_in_range(value, where, lo, hi))
     return out
 
 
@@ -159,11 +181,9 @@ def _candidate(family: str, path: str, kind: str, arch: str, opts: TargetOptions
     return bool(_RESNET_CHILD.match(child)) or child in ("op", "conv")
 
 
-def _first_match(table: Mapping[str, float | int], path: str):
-    for regex, value in table.items():
-        if re.fullmatch(regex, path):
-            return value
-    return None
+def _first_match(table: Mapping[str, float | int], patterns: PatternSet, path: str):
+    i = patterns.first(path)
+    return None if i is None else table[patterns.patterns[i]]
 
 
 def select_targets(layers: Mapping[str, tuple[tuple[int, ...], str]], opts: TargetOptions,
@@ -176,11 +196,9 @@ def select_targets(layers: Mapping[str, tuple[tuple[int, ...], str]], opts: Targ
     """
     arch = arch or detect_architecture(layers.keys())
     te_names = {k.split(".", 1)[0] for k in layers} & set(TE_INNER_PREFIX)
-    excludes = list(opts.exclude_patterns)
-    if arch in DIT_ARCHS:
-        excludes += ANIMA_DEFAULT_EXCLUDES
-    ex = [re.compile(p) for p in excludes]
-    inc = [re.compile(p) for p in opts.include_patterns]
+    builtin_ex = [re.compile(p) for p in ANIMA_DEFAULT_EXCLUDES] if arch in DIT_ARCHS else []
+    sets = opts.pattern_sets()  # user patterns: bounded matching time (lycoris_core.patterns)
+    ex, inc = sets["exclude_patterns"], sets["include_patterns"]
     te: list[Target] = []
     unet: list[Target] = []
     for key, (shape, kind) in layers.items():
@@ -190,9 +208,10 @@ def select_targets(layers: Mapping[str, tuple[tuple[int, ...], str]], opts: Targ
         path, family = comp
         if not _candidate(family, path, kind, arch, opts):
             continue
-        if any(p.fullmatch(path) for p in ex) and not any(p.fullmatch(path) for p in inc):
+        excluded = ex.any(path) or any(p.fullmatch(path) for p in builtin_ex)
+        if excluded and not inc.any(path):
             continue
-        dim = _first_match(opts.reg_dims, path)
+        dim = _first_match(opts.reg_dims, sets["network_reg_dims"], path)
         alpha = opts.network_alpha
         if dim is None:
             if kind in ("linear", "conv1x1"):
@@ -201,7 +220,7 @@ def select_targets(layers: Mapping[str, tuple[tuple[int, ...], str]], opts: Targ
                 dim, alpha = opts.conv_dim, opts.conv_alpha
         if not dim:
             continue
-        lr = _first_match(opts.reg_lrs, path)
+        lr = _first_match(opts.reg_lrs, sets["network_reg_lrs"], path)
         name = sdscripts_name(key, te_names)
         if name is None:
             continue

@@ -17,8 +17,9 @@ const MAX_LISTED = 8;
 export const fetchMetadata = (loraName) =>
   fetchJson(`/lycoris/metadata?lora_name=${encodeURIComponent(loraName)}`);
 
-function listed(names) {
-  const more = names.length > MAX_LISTED ? ` … (+${names.length - MAX_LISTED} more)` : "";
+// `total`: the full count when the route sent only the first names (`<list>_total`)
+function listed(names, total = names.length) {
+  const more = total > MAX_LISTED ? ` … (+${total - MAX_LISTED} more)` : "";
   return names.slice(0, MAX_LISTED).join(", ") + more;
 }
 
@@ -41,11 +42,12 @@ export function metadataSections(s, expect) {
       `${algos.map((a) => ALGO_LABEL[a] ?? a).join(", ") || "nothing"}`, "lyc-warn"]);
   }
   if (s.unmatched?.length) {
-    rows.unshift(["", `WARNING: ${s.unmatched.length} modules match no ${s.architecture} layer: ` +
-      listed(s.unmatched), "lyc-warn"]);
+    const n = s.unmatched_total ?? s.unmatched.length;
+    rows.unshift(["", `WARNING: ${n} modules match no ${s.architecture} layer: ` +
+      listed(s.unmatched, n), "lyc-warn"]);
   }
   if (s.unknown_keys?.length) {
-    rows.push(["ignored keys", listed(s.unknown_keys), "lyc-warn"]);
+    rows.push(["ignored keys", listed(s.unknown_keys, s.unknown_keys_total), "lyc-warn"]);
   }
   const meta = s.metadata ?? {};
   const metaRows = META_KEYS.filter((k) => k in meta).map((k) => [k, meta[k]]);
