@@ -1,0 +1,85 @@
+"""‖ΔW‖² from an adapter's factors without forming ΔW (the effect map, `lycoris_core.effect`).
+
+Two identities, in float64 (the Gram entries have both signs; float64 keeps the sum exact to
+far below the 1e-5 the map is checked at):
+
+- low-rank product, a (O, R), b (R, N): ‖a b‖² = tr(aᵀa · b bᵀ) = Σ (aᵀa) ⊙ (b bᵀ), cost (O + N)·R².
+- Hadamard of two products (LoHa), a1 (O, R1), b1 (R1, N), a2 (O, R2), b2 (R2, N):
+  entry (o, n) of ΔW is (a1ₒ·b1ₙ)(a2ₒ·b2ₙ), so ΔW = KA KBᵀ with the row-wise Khatri–Rao products
+  KA = [a1ₒ ⊗ a2ₒ] (O, R1·R2) and KB = [b1ₙ ⊗ b2ₙ] (N, R1·R2), and
+  ‖ΔW‖² = Σ_{(i,j),(k,l)} GA[(i,j),(k,l)] · GB[(i,j),(k,l)] with the R1·R2-square Grams
+  GA = KAᵀKA, GA[(i,j),(k,l)] = Σₒ a1[o,i] a1[o,k] a2[o,j] a2[o,l], and GB = KBᵀKB likewise
+  over n. (Not (a1ᵀa1)⊗(a2ᵀa2): the rows pair a1ₒ with a2ₒ of the same o, so the Gram does
+  not split.) GA is symmetric in i↔k and in j↔l, so only i ≤ k, j ≤ l are computed: with
+  P[o, (i≤k)] = a1[o,i]·a1[o,k] and Q[o, (j≤l)] = a2[o,j]·a2[o,l], GA' = PᵀQ is one GEMM of
+  O·s1·s2 (s = R(R+1)/2), the off-diagonal pairs weighted 2. Cost (O + N)·s1·s2.
+
+Forming ΔW costs O·N·(R1 + R2) plus passes over O·N values, so for a high LoHa rank and a small
+layer the Gram sum can cost more than ΔW: `hadamard_norm_sq` then builds ΔW in row blocks (never
+the whole of it at once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRAM_DTYPE = torch.float64
+ROW_BLOCK = 1 << 20
+"""Values per row block of the dense fallback (8 MiB in float64)."""
+
+
+def product_norm_sq(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a b‖² for a (O, R), b (R, N) (further dims of b flattened), from the two R×R Grams."""
+    a = a.reshape(a.shape[0], -1).to(GRAM_DTYPE)
+    b = b.reshape(b.shape[0], -1).to(GRAM_DTYPE)
+    return float(((a.T @ a) * (b @ b.T)).sum())
+
+
+def _pair_products(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """m (N, R) → (P (N, s), w (s,)): P[:, (i≤k)] = m[:, i]·m[:, k], w = 1 on i = k, 2 off it."""
+    r = m.shape[1]
+    i, k = torch.triu_indices(r, r, device=m.device)
+    w = torch.where(i == k, 1.0, 2.0).to(GRAM_DTYPE)
+    return m[:, i] * m[:, k], w
+
+
+def _symmetric_gram(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x1 (N, R1), x2 (N, R2) → (G (s1, s2), weights (s1, s2)): G = Σₙ P1ₙ ⊗ P2ₙ over i≤k, j≤l."""
+    p, w1 = _pair_products(x1)
+    q, w2 = _pair_products(x2)
+    return p.T @ q, w1[:, None] * w2[None, :]
+
+
+def gram_cost(o: int, n: int, r1: int, r2: int) -> float:
+    """Multiply-adds of the Gram route of `hadamard_norm_sq` (float64)."""
+    return 2.0 * (o + n) * (r1 * (r1 + 1) // 2) * (r2 * (r2 + 1) // 2)
+
+
+def dense_cost(o: int, n: int, r1: int, r2: int) -> float:
+    """Multiply-adds of forming ΔW (float64) plus its element-wise passes (each counted as 4)."""
+    return float(o * n * (r1 + r2 + 8))
+
+
+def hadamard_norm_sq(a1: torch.Tensor, b1: torch.Tensor, a2: torch.Tensor, b2: torch.Tensor,
+                     method: str | None = None) -> float:
+    """‖(a1 b1) ⊙ (a2 b2)‖² for a* (O, R*), b* (R*, N) (module docstring).
+
+    `method`: "gram" (Khatri–Rao Gram sum), "dense" (ΔW in float64 row blocks) or None: the
+    cheaper by `gram_cost` / `dense_cost`."""
+    a1, a2 = (t.reshape(t.shape[0], -1).to(GRAM_DTYPE) for t in (a1, a2))
+    b1, b2 = (t.reshape(t.shape[0], -1).to(GRAM_DTYPE) for t in (b1, b2))
+    o, n, r1, r2 = a1.shape[0], b1.shape[1], a1.shape[1], a2.shape[1]
+    if method is None:
+        method = "gram" if gram_cost(o, n, r1, r2) <= dense_cost(o, n, r1, r2) else "dense"
+    if method == "gram":
+        ga, weights = _symmetric_gram(a1, a2)
+        gb, _ = _symmetric_gram(b1.T, b2.T)
+        return float((ga * gb * weights).sum())
+    if method != "dense":
+        raise ValueError(f"unknown method {method!r}; expected 'gram' or 'dense'")
+    rows = max(1, ROW_BLOCK // max(1, n))
+    total = 0.0
+    for r0 in range(0, o, rows):
+        block = (a1[r0:r0 + rows] @ b1).mul_(a2[r0:r0 + rows] @ b2)
+        total += float(torch.linalg.vector_norm(block) ** 2)
+    return total
