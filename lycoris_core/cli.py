@@ -47,7 +47,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.file)
     summary = adapter.summary()
     emap = effect_map(adapter)
-    summary["blocks"], summary["blocks_message"] = emap.blocks(), emap.message
+    summary |= {"blocks": emap.blocks(), "blocks_message": emap.message}  # = effect.summary_fields
     if args.map:
         _check_map_output(args.map, args.file, args.overwrite)
         write_png(args.map, picture(emap).rgb)

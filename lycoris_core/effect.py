@@ -19,6 +19,7 @@ known, so the map can show ‖ΔW‖/‖W‖, and DoRA modules give their exact 
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 from collections.abc import Mapping
@@ -30,7 +31,7 @@ import torch
 from .adapter import Adapter
 from .blocks import block_label, block_labels
 from .manifests import known_architectures
-from .png import draw_text, fill, text_width
+from .png import draw_text, encode_png, fill, text_width
 
 _KIND_PARTS = (("attn1", "attn1"), ("attn2", "attn2"), ("ff", "ff"), ("self_attn", "self_attn"),
                ("cross_attn", "cross_attn"), ("mlp", "mlp"), ("proj_in", "proj"),
@@ -190,6 +191,17 @@ def effect_map(adapter: Adapter, weights: Mapping[str, torch.Tensor] | None = No
             cell.weighed_delta_sq += sq
             cell.weight_sq += float(torch.linalg.vector_norm(w.to(torch.float32), dtype=torch.float64) ** 2)
     return emap
+
+
+def summary_fields(adapter: Adapter, with_png: bool = False) -> dict:
+    """What `inspect --json` and the loaders' metadata panel add to `Adapter.summary()`:
+    "blocks" (`EffectMap.blocks`), "blocks_message" (`EffectMap.message`) and, `with_png`,
+    "blocks_png": the picture as base64 PNG."""
+    emap = effect_map(adapter)
+    out = {"blocks": emap.blocks(), "blocks_message": emap.message}
+    if with_png:
+        out["blocks_png"] = base64.b64encode(encode_png(picture(emap).rgb)).decode("ascii")
+    return out
 
 
 # --- text --------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """HTTP routes for the frontend extension (web/js): a file's metadata before it runs, schedule curves.
 
 GET `/lycoris/metadata?lora_name=<name>` (also under `/api/...`, as ComfyUI mirrors every route)
-returns `Adapter.summary()` as JSON for a file of ComfyUI's `loras` folder; the absolute path is
+returns `Adapter.summary()` as JSON for a file of ComfyUI's `loras` folder, plus its effect map
+(`blocks`, `blocks_message`, `blocks_png`: `effect.summary_fields`); the absolute path is
 replaced by the name. Only names that ComfyUI itself lists in the loras folder are answered, so
 nothing outside it can be read.
 GET `/lycoris/schedule?schedule=<text>&interpolation=<linear|cosine|hold>` returns the strength
@@ -18,6 +19,7 @@ import sys
 import folder_paths
 
 from ..lycoris_core import AdapterError, load_adapter
+from ..lycoris_core.effect import summary_fields
 from ..lycoris_core.schedule import INTERPOLATIONS, parse_schedule
 
 log = logging.getLogger("lycoris_nodes")
@@ -38,13 +40,24 @@ def adapter_info(lora_name: str) -> tuple[int, dict]:
     if not path:
         return 404, {"error": f"not found: {lora_name}"}
     try:
-        summary = load_adapter(path).summary()
+        adapter = load_adapter(path)
+        summary = adapter.summary()
     except (AdapterError, OSError, ValueError) as e:
         return 422, {"error": str(e), "lora_name": lora_name}
+    summary |= effect_fields(adapter, path, lora_name)
     summary["file"] = lora_name
     summary["metadata"] = {k: (v if len(str(v)) <= MAX_META_CHARS else str(v)[:MAX_META_CHARS] + " …")
                            for k, v in summary.get("metadata", {}).items()}
     return 200, summary
+
+
+def effect_fields(adapter, path: str, lora_name: str) -> dict:
+    """The effect map for the panel (`effect.summary_fields` with its picture); a file whose
+    factors cannot be read gives an empty map and the error (by the file's name), not a 422."""
+    try:
+        return summary_fields(adapter, with_png=True)
+    except (AdapterError, OSError, ValueError) as e:
+        return {"blocks": {}, "blocks_message": str(e).replace(path, lora_name), "blocks_png": ""}
 
 
 def schedule_curve(text: str, interpolation: str) -> tuple[int, dict]:

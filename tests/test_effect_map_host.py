@@ -3,6 +3,7 @@ table against an independent ΔW oracle, ‖ΔW‖/‖W‖ with the model, compa
 
 from __future__ import annotations
 
+import base64
 import math
 import re
 
@@ -155,3 +156,23 @@ def test_no_known_block_and_broken_file(host, executor):
     assert not res.ok
     msg = res.execution_error["exception_message"]
     assert "effect_broken.safetensors" in msg and "lora_down" in msg and "NaN or Inf" in msg
+
+
+def test_metadata_route_fields(host):
+    """The loaders' panel data (/lycoris/metadata): the map and its picture; a file whose factors
+    are broken still shows its metadata, with the error by the file's name (not its path)."""
+    web_api = host.pack.nodes.web_api
+    m = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    good = {f"{m}.lora_up.weight": torch.ones(4, 2), f"{m}.lora_down.weight": torch.ones(2, 4)}
+    bad = {f"{m}.lora_up.weight": torch.ones(4, 2),
+           f"{m}.lora_down.weight": torch.tensor([[float("nan")] * 4] * 2)}
+    for name, tensors in (("effect_route_ok.safetensors", good), ("effect_route_nan.safetensors", bad)):
+        write_adapter(host, name, tensors, "lora")
+    status, body = web_api.adapter_info("effect_route_ok.safetensors")
+    assert status == 200 and body["blocks"]["IN4"]["modules"] == 1
+    assert abs(body["blocks"]["IN4"]["delta_norm"] - 8.0) < 1e-9   # ΔW = 2 everywhere, 4×4
+    assert base64.b64decode(body["blocks_png"])[:8] == b"\x89PNG\r\n\x1a\n"
+    status, body = web_api.adapter_info("effect_route_nan.safetensors")
+    assert status == 200 and body["modules"] == 1 and body["blocks"] == {} and not body["blocks_png"]
+    assert "effect_route_nan.safetensors" in body["blocks_message"] and "NaN" in body["blocks_message"]
+    assert str(loras_dir(host)) not in body["blocks_message"]

@@ -3,6 +3,7 @@
 // (the `text` of its UI output, the same text as its `report` output).
 import { addPanel, chain, counts, fetchJson, onWidgetChange, registerNodeExtension, renderSections }
   from "./lycoris_panel.js";
+import { appendEffectMap } from "./lycoris_effectmap.js";
 
 const LOADERS = { LoadLoHa: "loha", LoadLoKr: "lokr", LoadLyCORIS: null };
 const ALGO_LABEL = { loha: "LoHa", lokr: "LoKr", lora: "LoRA" };
@@ -65,20 +66,24 @@ export function reportSection(text) {
 
 function setupLoader(node, expect) {
   const panel = addPanel(node, "lycoris_info", "lycoris-loader-info", 160);
-  const state = { sections: [], report: null, requested: null };
-  const show = () => renderSections(panel, state.report ? [...state.sections, state.report]
-    : state.sections);
+  const state = { sections: [], report: null, requested: null, summary: null };
+  const show = () => {
+    renderSections(panel, state.report ? [...state.sections, state.report] : state.sections);
+    appendEffectMap(panel, state.summary);
+  };
 
   const refresh = async (loraName) => {
     if (!loraName || loraName === state.requested) return;
     state.requested = loraName;
     state.report = null;
+    state.summary = null;
     state.sections = [{ title: `file: ${loraName}`, rows: [["", "reading…"]] }];
     show();
     try {
       const summary = await fetchMetadata(loraName);
       if (state.requested !== loraName) return;  // a newer selection won
       state.sections = metadataSections(summary, expect);
+      state.summary = summary;
     } catch (e) {
       if (state.requested !== loraName) return;
       state.sections = [{ title: `file: ${loraName}`, rows: [["", String(e.message ?? e), "lyc-error"]] }];
