@@ -229,15 +229,15 @@ class AdapterModule:
 
 
     def delta_norm_sq(self, base: torch.Tensor | None = None) -> float:
-        """‖ΔW‖² at strength 1 (squared Frobenius norm), in float64, from the factors without
-        forming ΔW (`frobenius_sq`). A DoRA module with its base weight W0 gives ‖W' − W0‖²
+        """‖ΔW‖² at strength 1 (squared Frobenius norm) from the factors without forming ΔW
+        (`frobenius_sq`: Grams in float64). A DoRA module with its base weight W0 gives ‖W' − W0‖²
         (ΔW is formed: it depends on W0's values); without W0, the change before DoRA's
         magnitude rescale. Raises `AdapterError` when the norm overflows."""
         if self.dora_ref is not None and base is not None:
             dw = self.delta(torch.float64, base=base)
             value = float(torch.linalg.vector_norm(dw) ** 2)
         else:
-            value = self.frobenius_sq(self.factors("cpu", torch.float64), self.scale)
+            value = self.frobenius_sq(self.factors("cpu", torch.float32), self.scale)
         if not math.isfinite(value):
             raise AdapterError(f"module '{self.name}': ‖ΔW‖ overflows float64: factors too large",
                                file=self.path, key=self._first_key())
