@@ -305,7 +305,7 @@ def render(panels: list[MapPanel], *, title: str = "", signed: bool = False,
     bar_top = grid_top + grid_h + PAD
     lines = [n for n in notes if n]
     height = bar_top + (LINE + LINE if found else 0) + LINE * len(lines) + PAD
-    width = max(PAD * 2 + sum(widths) + GAP * (len(panels) - 1), 220,
+    width = max(PAD * 2 + sum(widths) + GAP * (len(panels) - 1), 260,
                 *(PAD * 2 + text_width(n, SCALE) for n in [title, *lines]))
     img = np.empty((height, width, 3), np.uint8)
     img[:] = BACKGROUND
@@ -333,15 +333,14 @@ def render(panels: list[MapPanel], *, title: str = "", signed: bool = False,
                 cells[(k, r, c)] = box
         x0 += widths[k] + GAP
     if found:
-        bar_w = 120
+        lo, hi = (f"-{vmax:.2e}" if signed else "0"), f"{vmax:.2e}"
+        bar_w = max(120, text_width(lo, SCALE) + text_width(hi, SCALE) + 3 * ch)
         for x in range(bar_w):
             t = x / (bar_w - 1)
             color = heat_color(2 * t - 1 if t >= 0.5 else 1 - 2 * t, HEAT if t >= 0.5 else COOL) \
                 if signed else heat_color(t)
             fill(img, PAD + x, bar_top, 1, LINE - 4, color)
-        lo = f"-{vmax:.2e}" if signed else "0"
         draw_text(img, PAD, bar_top + LINE, lo, INK, SCALE)
-        hi = f"{vmax:.2e}"
         draw_text(img, PAD + bar_w - text_width(hi, SCALE), bar_top + LINE, hi, INK, SCALE)
         draw_text(img, PAD + bar_w + ch, bar_top, "EMPTY", INK, SCALE)
         fill(img, PAD + bar_w + ch + text_width("EMPTY ", SCALE), bar_top, CELL_H, LINE - 4, EMPTY)
