@@ -3,13 +3,16 @@
 // `inspect --map`), with its note (`blocks_message`). Text is set with textContent only.
 
 const STYLE = `
-.lycoris-panel .lyc-effect-map { display: block; width: 100%; max-width: 420px; height: auto;
+.lycoris-panel .lyc-effect-map { display: block; width: auto; max-width: 100%; height: auto;
   image-rendering: pixelated; margin: 4px 0; }
 `;
 let styleAdded = false;
 
-/** Append the effect map of a metadata answer `s` to `panel` (nothing when `s` has none). */
-export function appendEffectMap(panel, s) {
+/**
+ * Add the effect map of a metadata answer `s` to `panel`, before the element `before` (or at the
+ * end); nothing when `s` has none.
+ */
+export function appendEffectMap(panel, s, before = null) {
   if (!s || !("blocks" in s)) return null;
   if (!styleAdded) {
     const style = document.createElement("style");
@@ -21,12 +24,12 @@ export function appendEffectMap(panel, s) {
   title.className = "lyc-title";
   const n = Object.keys(s.blocks ?? {}).length;
   title.textContent = `effect map: ‖ΔW‖ per block (${n} blocks)`;
-  panel.appendChild(title);
+  panel.insertBefore(title, before);
   if (s.blocks_message) {
     const note = document.createElement("div");
     note.className = "lyc-row lyc-warn";
     note.textContent = s.blocks_message;
-    panel.appendChild(note);
+    panel.insertBefore(note, before);
   }
   if (!s.blocks_png) return title;
   const img = document.createElement("img");
@@ -34,6 +37,6 @@ export function appendEffectMap(panel, s) {
   img.alt = "effect map";
   img.dataset.lycorisEffectMap = String(n);
   img.src = `data:image/png;base64,${s.blocks_png}`;
-  panel.appendChild(img);
+  panel.insertBefore(img, before);
   return img;
 }

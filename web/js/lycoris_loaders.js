@@ -69,7 +69,9 @@ function setupLoader(node, expect) {
   const state = { sections: [], report: null, requested: null, summary: null };
   const show = () => {
     renderSections(panel, state.report ? [...state.sections, state.report] : state.sections);
-    appendEffectMap(panel, state.summary);
+    // the map right after the file's metadata, before the load report of a run
+    const reportTitle = state.report ? [...panel.querySelectorAll(".lyc-title")].at(-1) : null;
+    appendEffectMap(panel, state.summary, reportTitle);
   };
 
   const refresh = async (loraName) => {
