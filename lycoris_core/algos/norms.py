@@ -51,10 +51,15 @@ def _symmetric_gram(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, t
     return p.T @ q, w1[:, None] * w2[None, :]
 
 
+GRAM_WEIGHT = 20.0
+"""What one multiply-add of the Gram route costs in float32 ΔW multiply-adds: float64, and the
+pair products are gathers. Measured on 2-core AVX-512 CPUs at 1 thread (R 2–16, 640² and
+1280×11520 layers): the routes cost the same where this weight makes their costs equal."""
+
+
 def gram_cost(o: int, n: int, r1: int, r2: int) -> float:
-    """Cost of the Gram route of `hadamard_norm_sq` in float32 multiply-adds (its float64 GEMMs
-    counted twice)."""
-    return 4.0 * (o + n) * (r1 * (r1 + 1) // 2) * (r2 * (r2 + 1) // 2)
+    """Cost of the Gram route of `hadamard_norm_sq`, in float32 ΔW multiply-adds."""
+    return GRAM_WEIGHT * (o + n) * (r1 * (r1 + 1) // 2) * (r2 * (r2 + 1) // 2)
 
 
 def dense_cost(o: int, n: int, r1: int, r2: int) -> float:
