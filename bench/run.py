@@ -47,6 +47,7 @@ BENCHES: dict[str, str] = {
     "convert": "bench.bench_convert",
     "bypass": "bench.bench_bypass",
     "hardening": "bench.bench_hardening",
+    "effectmap": "bench.bench_effectmap",
 }
 ON_CURRENT_COMFYUI = {"bypass"}
 """Benches that need current ComfyUI (core's bypass adapters): run with the second host's Python

@@ -189,3 +189,36 @@ def _apply(out: BlockWeights, item: str, text: str, depth: int) -> None:
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+# --- the per-block names of a weight key (effect map, reports): the names the parser above reads
+_BLOCK_LABEL = {}
+for _name, _blocks in _ALIASES.items():  # the first alias of a single block is its name
+    if len(_blocks) == 1 and not _blocks[0].startswith("@"):
+        _BLOCK_LABEL.setdefault(_blocks[0], _name)
+_RANGE_LABEL = {}
+for _prefix, _kind in _RANGE_TARGET.items():
+    _RANGE_LABEL.setdefault(_kind, _prefix)
+
+
+def block_label(model_key: str) -> str:
+    """The per-block strength name of a ComfyUI weight key, as `block_weights` spells it:
+    `IN0`…`IN8`, `MID`, `OUT0`…`OUT8`, `B0`…, `LLM`, `TE1`, `TE2`, `QWEN3`, else `OTHER`.
+    Reading the name back (`NAME=…` in a block-weights string) targets exactly this key's block."""
+    block = block_of(model_key)
+    kind, _, index = block.rpartition(".")
+    name = f"{_RANGE_LABEL[kind]}{index}" if kind in _RANGE_LABEL else _BLOCK_LABEL.get(block, "OTHER")
+    try:
+        return name if _targets(name, name) == [block] else "OTHER"
+    except AdapterError:  # a block number beyond the names' range
+        return "OTHER"
+
+
+def block_labels(architecture: str) -> list[str]:
+    """Every block name of an architecture, in the order of its positional block weights, then
+    its text encoders and `OTHER` ('sdxl', 'anima' / 'cosmos_predict2'; else [])."""
+    if architecture in ("sdxl", "sd_unet"):
+        return [*SDXL_ORDER[1:], "TE1", "TE2", "OTHER"]
+    if architecture in ("anima", "cosmos_predict2"):
+        return [*ANIMA_ORDER[1:], "QWEN3", "OTHER"]
+    return []

@@ -44,19 +44,41 @@ def format_summary(s: dict) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from .effect import effect_map, format_table, picture
+    from .png import write_png
+
     adapter = load_adapter(args.file)
     summary = adapter.summary()
+    emap = effect_map(adapter)
+    summary |= {"blocks": emap.blocks(), "blocks_message": emap.message}  # = effect.summary_fields
+    if args.map:
+        _check_map_output(args.map, args.file, args.overwrite)
+        write_png(args.map, picture(emap).rgb)
     if args.json:
         print(json.dumps(summary, indent=2, sort_keys=True))
     else:
         print(format_summary(summary))
+        print(format_table(emap))
     return 0
 
 
+def _check_map_output(out: str, src: str, overwrite: bool) -> None:
+    """The effect-map picture never replaces the adapter file, nor another file unless asked."""
+    import os
+
+    if os.path.exists(out) and (os.path.samefile(out, src) or not overwrite):
+        raise FileExistsError(f"{out} exists; refusing to overwrite it"
+                              + ("" if os.path.samefile(out, src) else " (use --overwrite)"))
+
+
 def add_inspect_cli(sub) -> None:
-    ins = sub.add_parser("inspect", help="algorithms, ranks, modes, architecture, metadata")
+    ins = sub.add_parser("inspect", help="algorithms, ranks, modes, architecture, metadata, "
+                                         "‖ΔW‖ per block (effect map)")
     ins.add_argument("file")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.add_argument("--map", metavar="OUT.png",
+                     help="write the effect map (‖ΔW‖ per block and layer kind) as a PNG picture")
+    ins.add_argument("--overwrite", action="store_true", help="let --map replace an existing file")
     ins.set_defaults(func=cmd_inspect)
 
 

@@ -18,9 +18,11 @@ import struct
 import sys
 
 from .adapter import load_adapter
+from .effect import summary_fields
 from .errors import AdapterError
 
 MAX_META_CHARS = 4000  # long metadata values (tag frequencies, dataset dirs) are cut for the panel
+MAX_PANEL_MAP_HEADER = 1 << 20  # larger headers (tens of thousands of modules) get no panel map
 MAX_NAMES = 200  # name lists (unmatched, unknown_keys) are cut; "<list>_total" gives the full count
 
 
@@ -57,6 +59,36 @@ def summary_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
         return 200, json.dumps(summary, allow_nan=False).encode()
     except ValueError:
         return _error(name, "the summary holds a value that is not a finite number")
+
+
+def effect_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
+    """(status, JSON bytes) for the panel's effect map: `effect.summary_fields` with its picture.
+    Reads the factors (not only the header). A file whose header cannot be read is an error like
+    `summary_json`'s; a file whose factors cannot be read gives an empty map with the error by the
+    file's name, so the panel still shows its metadata. Over `MAX_PANEL_MAP_HEADER` bytes of
+    header, the map is left to the LyCORISEffectMap node / `inspect --map`."""
+    if header_length(path) > MAX_PANEL_MAP_HEADER:
+        return 200, json.dumps({"blocks": {}, "blocks_png": "", "blocks_message":
+                                "too many modules to draw here; use the LyCORISEffectMap node"}).encode()
+    try:
+        adapter = load_adapter(path)
+    except AdapterError as e:
+        where = f"key '{str(e.key)[:200]}': " if e.key else ""
+        return _error(name, where + e.detail)
+    except OSError as e:
+        return _error(name, f"cannot read file: {e.strerror or type(e).__name__}")
+    except (ValueError, MemoryError, RecursionError) as e:
+        return _error(name, f"cannot summarise the file ({type(e).__name__})")
+    try:
+        fields = summary_fields(adapter, with_png=True)
+    except (AdapterError, OSError, ValueError) as e:
+        fields = {"blocks": {}, "blocks_png": "",
+                  "blocks_message": str(e).replace(str(path), name).replace(os.fspath(path), name)}
+    fields["file"] = name
+    try:
+        return 200, json.dumps(fields, allow_nan=False).encode()
+    except ValueError:
+        return _error(name, "the effect map holds a value that is not a finite number")
 
 
 def main(argv: list[str] | None = None) -> int:

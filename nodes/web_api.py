@@ -9,6 +9,10 @@ It never stalls the server: only the header is read; results are cached by (path
 `MAX_CONCURRENT` computations run at once, off the event loop (a thread), and a header over
 `INLINE_HEADER_BYTES` is summarised in a child process (its `json.loads` would hold the GIL for
 seconds and take hundreds of MiB).
+GET `/lycoris/effectmap?lora_name=<name>` returns the file's effect map for the same panel
+(`lycoris_core.panel.effect_json`: `blocks`, `blocks_message`, `blocks_png`). It reads the factors,
+so it is its own route with its own bounded cache, off the event loop under the same concurrency
+limit; files with a header over `INLINE_HEADER_BYTES` get an empty map with a message.
 GET `/lycoris/schedule?schedule=<text>&interpolation=<linear|cosine|hold>` returns the strength
 curve of a schedule text, parsed by the same code as the node, for the live curve on the node;
 its JSON is always valid (no NaN / Infinity).
@@ -27,13 +31,14 @@ from pathlib import Path
 
 import folder_paths
 
-from ..lycoris_core.panel import header_length, summary_json
+from ..lycoris_core.panel import effect_json, header_length, summary_json
 from ..lycoris_core.safetensors_io import MAX_HEADER_BYTES
 from ..lycoris_core.schedule import INTERPOLATIONS, parse_schedule
 
 log = logging.getLogger("lycoris_nodes")
 
 METADATA_ROUTE = "/lycoris/metadata"
+EFFECT_ROUTE = "/lycoris/effectmap"
 SCHEDULE_ROUTE = "/lycoris/schedule"
 CURVE_POINTS = 101  # samples of the schedule curve over 0..1
 INLINE_HEADER_BYTES = 1 << 20  # larger headers are summarised in a child process
@@ -64,17 +69,30 @@ def resolve_lora(lora_name: str) -> tuple[int, bytes] | tuple[str, tuple]:
 
 def adapter_info(lora_name: str) -> tuple[int, dict]:
     """(HTTP status, JSON body) for one file of the loras folder, computed in this thread."""
+    return _answer_now(lora_name, summary_json)
+
+
+def effect_info(lora_name: str) -> tuple[int, dict]:
+    """(HTTP status, JSON body) of the effect-map route for one file, computed in this thread."""
+    return _answer_now(lora_name, effect_json)
+
+
+def _answer_now(lora_name: str, summarise) -> tuple[int, dict]:
     found = resolve_lora(lora_name)
     if isinstance(found[0], int):
         return found[0], json.loads(found[1])
-    status, body = summary_json(found[0], lora_name)
+    status, body = summarise(found[0], lora_name)
     return status, json.loads(body)
 
 
 class MetadataCache:
-    """Answers by (real path, mtime, size, name): bounded LRU, one computation per key at a time."""
+    """Answers by (real path, mtime, size, name): bounded LRU, one computation per key at a time.
+    `summarise(path, name)` → (status, JSON bytes) runs in a thread; with `child`, headers over
+    `INLINE_HEADER_BYTES` are summarised in a child process, else `summarise` answers them itself."""
 
-    def __init__(self, max_entries: int = 64, max_bytes: int = 64 << 20):
+    def __init__(self, max_entries: int = 64, max_bytes: int = 64 << 20,
+                 summarise=summary_json, child: bool = True):
+        self.summarise, self.child = summarise, child
         self.max_entries, self.max_bytes = max_entries, max_bytes
         self.entries: OrderedDict[tuple, tuple[int, bytes]] = OrderedDict()
         self.pending: dict[tuple, asyncio.Future] = {}
@@ -106,8 +124,8 @@ class MetadataCache:
             self.computed += 1
             try:
                 n = await asyncio.to_thread(header_length, path)
-                if n <= INLINE_HEADER_BYTES or n > MAX_HEADER_BYTES or n + 8 > key[2]:
-                    value = await asyncio.to_thread(summary_json, path, name)  # small, or refused unread
+                if not self.child or n <= INLINE_HEADER_BYTES or n > MAX_HEADER_BYTES or n + 8 > key[2]:
+                    value = await asyncio.to_thread(self.summarise, path, name)  # small, or refused unread
                 else:
                     value = await _summary_in_child(path, name)
             except OSError as e:
@@ -140,6 +158,7 @@ async def _summary_in_child(path: str, name: str) -> tuple[int, bytes]:
 
 
 METADATA_CACHE = MetadataCache()
+EFFECT_CACHE = MetadataCache(max_entries=32, summarise=effect_json, child=False)
 
 
 async def metadata_response(lora_name: str) -> tuple[int, bytes]:
@@ -148,6 +167,14 @@ async def metadata_response(lora_name: str) -> tuple[int, bytes]:
     if isinstance(found[0], int):
         return found
     return await METADATA_CACHE.get(*found)
+
+
+async def effect_response(lora_name: str) -> tuple[int, bytes]:
+    """(status, JSON bytes) for GET /lycoris/effectmap; never blocks the event loop."""
+    found = await asyncio.to_thread(resolve_lora, lora_name)
+    if isinstance(found[0], int):
+        return found
+    return await EFFECT_CACHE.get(*found)
 
 
 def schedule_curve(text: str, interpolation: str) -> tuple[int, dict]:
@@ -187,6 +214,9 @@ def register_routes() -> bool:
     async def lycoris_metadata(request: web.Request) -> web.Response:
         return reply(*await metadata_response(request.rel_url.query.get("lora_name", "")))
 
+    async def lycoris_effectmap(request: web.Request) -> web.Response:
+        return reply(*await effect_response(request.rel_url.query.get("lora_name", "")))
+
     async def lycoris_schedule(request: web.Request) -> web.Response:
         q = request.rel_url.query
         return reply(*await asyncio.to_thread(schedule_response, q.get("schedule", ""),
@@ -194,9 +224,10 @@ def register_routes() -> bool:
 
     try:
         prompt_server.routes.get(METADATA_ROUTE)(lycoris_metadata)
+        prompt_server.routes.get(EFFECT_ROUTE)(lycoris_effectmap)
         prompt_server.routes.get(SCHEDULE_ROUTE)(lycoris_schedule)
     except Exception as e:  # the nodes must keep working even if the panel's routes cannot be added
         log.warning("lycoris_nodes: could not register the web routes: %s", e)
         return False
-    log.debug("lycoris_nodes: registered %s, %s", METADATA_ROUTE, SCHEDULE_ROUTE)
+    log.debug("lycoris_nodes: registered %s, %s, %s", METADATA_ROUTE, EFFECT_ROUTE, SCHEDULE_ROUTE)
     return True

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from bench import bench_convert, bench_delta, common, report, run
+from bench import bench_apply, bench_convert, bench_delta, bench_effectmap, common, report, run
 from lycoris_core.algos import loha as loha_algo
 from lycoris_core.algos import lokr as lokr_algo
 
@@ -54,6 +54,26 @@ def test_convert_bench_runs():
     res = bench_convert.run(limit=3, repeats=1, hashes=(True,))
     (r,) = res["rows"]
     assert r["pack"] > 0 and r["refs"]["st read+write"] > 0 and r["file_bytes"] > 0
+
+
+def test_effectmap_bench_runs():
+    mods = dict(list(bench_apply.targets(True).items())[:4])
+    rows = bench_effectmap.run(mods, repeats=1)["rows"]
+    assert [r["case"].split()[0] for r in rows] == ["loha", "lokr"]
+    for r in rows:
+        assert r["pack"] > 0 and r["refs"]["materialise"] > 0 and r["modules"] == 4
+        assert r["agreement"] < bench_effectmap.TOL
+
+
+def test_effectmap_bench_rejects_a_wrong_map(monkeypatch, tmp_path):
+    """A fast wrong map cannot win: LoKr's norm doubled → the agreement check fails."""
+    from lycoris_core.algos import LoKrModule
+
+    right = LoKrModule.frobenius_sq
+    monkeypatch.setattr(LoKrModule, "frobenius_sq", staticmethod(lambda f, s: 4.0 * right(f, s)))
+    mods = dict(list(bench_apply.targets(True).items())[:2])
+    with pytest.raises(AssertionError, match="disagree"):
+        bench_effectmap.run(mods, repeats=1, algos=("lokr",))
 
 
 def test_child_peak_rss_sees_an_allocation():

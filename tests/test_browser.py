@@ -13,6 +13,7 @@ and playwright-core are installed by scripts/bootstrap.sh.
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
 import json
 import math
@@ -87,6 +88,11 @@ def test_metadata_route(server):
     assert body["algorithms"] == {"lokr": 2} and body["architecture"] == "sdxl"
     assert body["metadata"]["ss_network_module"] == "networks.lokr"
     assert [r["reader"] for r in body["readers"]] == ["sd-scripts", "LyCORIS", "ComfyUI core"]
+    # the effect map (issue 19), its own route: the blocks of the two modules and the picture as a PNG
+    status, body = _get(f"{url}/api/lycoris/effectmap?lora_name={LORA}")
+    assert status == 200 and body["file"] == LORA, body
+    assert sum(b["modules"] for b in body["blocks"].values()) == 2, body["blocks"]
+    assert base64.b64decode(body["blocks_png"])[:8] == b"\x89PNG\r\n\x1a\n"
     for bad in ("../../comfy.settings.json", "missing.safetensors", ""):
         status, body = _get(f"{url}/lycoris/metadata?lora_name={urllib.parse.quote(bad)}")
         assert status in (400, 404) and "error" in body, (bad, status, body)
@@ -180,6 +186,8 @@ def test_loader_panel_in_chromium(server, mode):
     assert "load report (last run)" in panel and "applied: 2 weights" in panel, panel
     assert "matched: 2 of 2 modules" in panel, panel
     assert result["panel_visible"]
+    assert "effect map: ‖ΔW‖ per block" in panel, panel
+    assert result["effect_map"] and result["effect_map"]["width"] > 100, result["effect_map"]
     assert shot.is_file() and shot.stat().st_size > 10_000
 
 

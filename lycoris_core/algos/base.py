@@ -104,6 +104,8 @@ class AdapterModule:
     max_abs_bound: ClassVar[Callable[..., float]]
     bypass_diff: ClassVar[Callable[..., torch.Tensor]]
     """bypass_diff(x, factors, layer, scale) → scale · ΔW x without forming ΔW (`LayerGeometry`)."""
+    frobenius_sq: ClassVar[Callable[..., float]]
+    """frobenius_sq(factors, scale) → ‖scale · ΔW‖² from the factors, without forming ΔW."""
 
     def _diff_of(self, factors, scale: float = 1.0) -> torch.Tensor:
         """scale · ΔW in `natural_shape` from loaded factors (the scale goes on a factor)."""
@@ -225,6 +227,21 @@ class AdapterModule:
                                "large", file=self.path, key=self._first_key())
         return dw.to(dtype)
 
+
+    def delta_norm_sq(self, base: torch.Tensor | None = None) -> float:
+        """‖ΔW‖² at strength 1 (squared Frobenius norm) from the factors without forming ΔW
+        (`frobenius_sq`: Grams in float64). A DoRA module with its base weight W0 gives ‖W' − W0‖²
+        (ΔW is formed: it depends on W0's values); without W0, the change before DoRA's
+        magnitude rescale. Raises `AdapterError` when the norm overflows."""
+        if self.dora_ref is not None and base is not None:
+            dw = self.delta(torch.float64, base=base)
+            value = float(torch.linalg.vector_norm(dw) ** 2)
+        else:
+            value = self.frobenius_sq(self.factors("cpu", torch.float32), self.scale)
+        if not math.isfinite(value):
+            raise AdapterError(f"module '{self.name}': ‖ΔW‖ overflows float64: factors too large",
+                               file=self.path, key=self._first_key())
+        return value
 
     # --- bypass: ΔW applied to activations at forward time -------------------------------------
     def dora_on_output_axis(self, shape: tuple[int, ...]) -> bool:

@@ -16,6 +16,7 @@ from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
 from .layer import LayerGeometry
+from .norms import hadamard_norm_sq
 
 
 @dataclass
@@ -204,10 +205,23 @@ def max_abs_bound(f: LoHaFactors, scale: float = 1.0) -> float:
     return magnitude_bound(scale, f.w1_b.shape[0] * f.w2_b.shape[0], f.w1_a, f.w1_b, f.w2_a, f.w2_b)
 
 
+def frobenius_sq(f: LoHaFactors, scale: float = 1.0, method: str | None = None) -> float:
+    """‖scale · ΔW‖² by the Khatri–Rao Gram sum (`norms.hadamard_norm_sq`; row blocks of ΔW
+    when those are cheaper, or as `method` says). Tucker: each core contracted with its w_b
+    first, so ΔW = (w1_aᵀ · inner1) ⊙ (w2_aᵀ · inner2), the same form."""
+    if f.t1 is not None and f.t2 is not None:
+        parts = (f.w1_a.transpose(0, 1), tucker_inner(f.t1, f.w1_b),
+                 f.w2_a.transpose(0, 1), tucker_inner(f.t2, f.w2_b))
+    else:
+        parts = (f.w1_a, f.w1_b, f.w2_a, f.w2_b)
+    return scale * scale * hadamard_norm_sq(*parts, method=method)
+
+
 @dataclass
 class LoHaModule(AdapterModule):
     algo = "loha"
     diff_weight = staticmethod(diff_weight)
+    frobenius_sq = staticmethod(frobenius_sq)
     max_abs_bound = staticmethod(max_abs_bound)
     bypass_diff = staticmethod(bypass_diff)
     tensor_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")

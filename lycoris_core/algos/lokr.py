@@ -17,7 +17,8 @@ from ..errors import AdapterError
 from . import buffers
 from .base import AdapterModule, TensorRef
 from .layer import LayerGeometry
-from .loha import magnitude_bound, needs_grad, rebuild_tucker
+from .loha import magnitude_bound, needs_grad, rebuild_tucker, tucker_inner
+from .norms import GRAM_DTYPE, product_norm_sq
 
 
 def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
@@ -179,10 +180,26 @@ def _half_shape(full, a, b) -> tuple[int, int]:
     return tuple(full.shape[:2]) if full is not None else (a.shape[0], b.shape[1])
 
 
+def _half_norm_sq(full, a, b, t) -> float:
+    """‖W‖² of one half: full, a @ b (two R×R Grams) or Tucker (aᵀ · core-with-b), unformed."""
+    if full is not None:
+        return float(full.to(GRAM_DTYPE).square().sum())
+    if t is not None:
+        return product_norm_sq(a.transpose(0, 1), tucker_inner(t, b))
+    return product_norm_sq(a, b)
+
+
+def frobenius_sq(f: LoKrFactors, scale: float = 1.0) -> float:
+    """‖scale · W1 ⊗ W2‖² = scale² · ‖W1‖² · ‖W2‖² (Kronecker), each half from its factors."""
+    return scale * scale * _half_norm_sq(f.w1, f.w1_a, f.w1_b, f.t1) \
+        * _half_norm_sq(f.w2, f.w2_a, f.w2_b, f.t2)
+
+
 @dataclass
 class LoKrModule(AdapterModule):
     algo = "lokr"
     diff_weight = staticmethod(diff_weight)
+    frobenius_sq = staticmethod(frobenius_sq)
     max_abs_bound = staticmethod(max_abs_bound)
     bypass_diff = staticmethod(bypass_diff)
     tensor_names = ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_t1",

@@ -15,6 +15,7 @@ from . import buffers
 from .base import AdapterModule, TensorRef
 from .layer import LayerGeometry
 from .loha import magnitude_bound, needs_grad, tucker_inner
+from .norms import product_norm_sq
 
 
 @dataclass
@@ -67,10 +68,19 @@ def max_abs_bound(f: LoRAFactors, scale: float = 1.0) -> float:
     return magnitude_bound(scale, rank, f.up, f.down)
 
 
+def frobenius_sq(f: LoRAFactors, scale: float = 1.0) -> float:
+    """‖scale · ΔW‖² from the two Grams (`norms.product_norm_sq`); Tucker: `mid` contracted
+    with `down` first (R, I·k·k), ΔW never formed."""
+    down = f.down.reshape(f.down.shape[0], -1)
+    right = tucker_inner(f.mid, down) if f.mid is not None else down
+    return scale * scale * product_norm_sq(f.up.reshape(f.up.shape[0], -1), right)
+
+
 @dataclass
 class LoRAModule(AdapterModule):
     algo = "lora"
     diff_weight = staticmethod(diff_weight)
+    frobenius_sq = staticmethod(frobenius_sq)
     max_abs_bound = staticmethod(max_abs_bound)
     bypass_diff = staticmethod(bypass_diff)
     tensor_names = ("lora_up", "lora_down", "lora_mid")

@@ -118,6 +118,12 @@ await runScenario(url, shot, async (page, result) => {
     .widgets.find((x) => x.name === "lora_name").value, node.id);
   result.panel_text = await panelFor(page, loraName);
   result.panel_visible = await page.locator(PANEL).isVisible();
+  // the effect map picture (the server's `blocks_png`) under the metadata, decoded by the browser
+  result.effect_map = await page.waitForFunction((sel) => {
+    const img = document.querySelector(`${sel} img.lyc-effect-map`);
+    return img && img.complete && img.naturalWidth > 0 &&
+      { width: img.naturalWidth, height: img.naturalHeight, blocks: img.dataset.lycorisEffectMap };
+  }, PANEL, { timeout: 15_000 }).then((h) => h.jsonValue()).catch(() => null);
 
   if (run === "run") {
     // a seed of its own, so that a server that ran this graph before runs it again (no cache hit)

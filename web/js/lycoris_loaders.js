@@ -4,6 +4,7 @@
 import { addPanel, chain, counts, fetchJson, onWidgetChange, registerNodeExtension, readersSection,
   renderSections }
   from "./lycoris_panel.js";
+import { appendEffectMap } from "./lycoris_effectmap.js";
 
 const LOADERS = { LoadLoHa: "loha", LoadLoKr: "lokr", LoadLyCORIS: null };
 const ALGO_LABEL = { loha: "LoHa", lokr: "LoKr", lora: "LoRA" };
@@ -16,6 +17,8 @@ const MAX_LISTED = 8;
 
 export const fetchMetadata = (loraName) =>
   fetchJson(`/lycoris/metadata?lora_name=${encodeURIComponent(loraName)}`);
+export const fetchEffectMap = (loraName) =>
+  fetchJson(`/lycoris/effectmap?lora_name=${encodeURIComponent(loraName)}`);
 
 // `total`: the full count when the route sent only the first names (`<list>_total`)
 function listed(names, total = names.length) {
@@ -69,14 +72,19 @@ export function reportSection(text) {
 
 function setupLoader(node, expect) {
   const panel = addPanel(node, "lycoris_info", "lycoris-loader-info", 160);
-  const state = { sections: [], report: null, requested: null };
-  const show = () => renderSections(panel, state.report ? [...state.sections, state.report]
-    : state.sections);
+  const state = { sections: [], report: null, requested: null, summary: null };
+  const show = () => {
+    renderSections(panel, state.report ? [...state.sections, state.report] : state.sections);
+    // the map right after the file's metadata, before the load report of a run
+    const reportTitle = state.report ? [...panel.querySelectorAll(".lyc-title")].at(-1) : null;
+    appendEffectMap(panel, state.summary, reportTitle);
+  };
 
   const refresh = async (loraName) => {
     if (!loraName || loraName === state.requested) return;
     state.requested = loraName;
     state.report = null;
+    state.summary = null;
     state.sections = [{ title: `file: ${loraName}`, rows: [["", "reading…"]] }];
     show();
     try {
@@ -88,6 +96,15 @@ function setupLoader(node, expect) {
       state.sections = [{ title: `file: ${loraName}`, rows: [["", String(e.message ?? e), "lyc-error"]] }];
     }
     panel.dataset.loraName = loraName;
+    show();
+    try {  // the effect map reads the factors: its own route, drawn when it comes
+      const map = await fetchEffectMap(loraName);
+      if (state.requested !== loraName) return;
+      state.summary = map;
+    } catch (e) {
+      if (state.requested !== loraName) return;
+      state.summary = { blocks: {}, blocks_png: "", blocks_message: String(e.message ?? e) };
+    }
     show();
   };
 
