@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..lycoris_core.keymap import detect_architecture
 from ..lycoris_core.paths import is_within
 from ..lycoris_core.train import checkpoint as ckpt
-from ..lycoris_core.train.loop import OPTIMIZERS, SCHEDULERS, TrainConfig, Trainer
+from ..lycoris_core.train.loop import OPTIMIZERS, SCHEDULERS, TrainConfig, Trainer, nan_hint
 from ..lycoris_core.train.network import LycorisNetwork, NetworkConfig
 from ..lycoris_core.train.objective import (
     gradient_checkpointing,
@@ -28,9 +28,9 @@ from ..lycoris_core.train.objective import (
 )
 from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, write_text
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
-from .outputs import output_file
 from .patching import apply_adapter
 from .train_data import CaptionEncoder, Objective, training_items
+from .train_dataset import extra_inputs, save_path
 from .train_ops import differentiable_ops
 
 log = logging.getLogger("lycoris_nodes")
@@ -116,13 +116,14 @@ def _inputs() -> list:
           "block activations in the backward pass (less memory, slower)."),
         Int("save_every_n_steps", default=0, min=0, max=1_000_000, tooltip="--save_every_n_steps "
           "(0 = only at the end). Each save also writes a .train_state sidecar for resuming."),
-        S("output_name", default="lycoris/TrainLyCORIS", tooltip="File name prefix inside "
-          "ComfyUI's output folder."),
+        S("output_name", default="lycoris/TrainLyCORIS", tooltip="File name prefix inside the "
+          "save_to folder (loras or output)."),
         S("resume_from", default="", tooltip="A file this node saved (path, or name in the output "
           "or loras folder). With its .train_state sidecar, training continues exactly; without, "
           "it starts from its weights."),
         B("write_sdscripts_config", default=False, tooltip="Also write the equivalent "
           "sd-scripts command line (.sdscripts.sh) and dataset TOML for multi-GPU training."),
+        *extra_inputs(),
     ]
 
 
@@ -195,7 +196,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
     lat, conds, texts = training_items(latents, positive, clip, captions)
     net_cfg, cfg = _network_config(o), _train_config(o)
     resume_path = _resolve_resume(o["resume_from"])
-    out_file = output_file(o["output_name"])  # <output>/<name>_NNNNN_.safetensors, never outside
+    out_file = save_path(o)  # <loras or output>/<name>_NNNNN_.safetensors, never outside
     filename = out_file.name[: -len(".safetensors")].rstrip("_").rsplit("_", 1)[0]
     base = out_file.with_suffix("")
     save_dtype = DTYPES[o["save_precision"]]
@@ -226,6 +227,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                               DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"],
                               encoder=encoder)
         trainer = Trainer(net, cfg, objective, len(lat))
+        trainer.nan_hint = nan_hint(DTYPES[o["training_dtype"]])
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
             log.info("TrainLyCORIS: resumed from %s at step %d (%s)", resume_path, trainer.step,
@@ -272,7 +274,8 @@ class TrainLyCORIS(io.ComfyNode):
             category="LyCORIS/training",
             description="Trains a LoHa or LoKr network on the given latents with kohya sd-scripts' "
                         "options, defaults, target modules and file format (networks.loha / "
-                        "networks.lokr, ss_* metadata). Saves into the output folder, resumable.",
+                        "networks.lokr, ss_* metadata). Saves into the loras or output "
+                        "folder, resumable.",
             is_input_list=True,
             inputs=_inputs(),
             outputs=[

@@ -36,13 +36,19 @@ def flatten_conds(conds: list) -> list:
     return out
 
 
-def split_captions(captions: list[str] | None) -> list[str]:
-    """Captions from the node input: several strings (a list input) are one caption each; a
-    single string holds one caption per non-empty line."""
-    texts = [c for c in (captions or []) if isinstance(c, str)]
-    if len(texts) == 1:
-        texts = texts[0].splitlines()
-    return [t.strip() for t in texts if t.strip()]
+def split_captions(captions: list[str] | None, n: int | None = None) -> list[str]:
+    """Captions from the node input, one per training item; empty captions count.
+
+    Several strings (a list input, e.g. from ComfyUI's dataset nodes) are one caption each, kept
+    as they are: an image without a caption file trains with an empty caption, as in sd-scripts
+    and ComfyUI's MakeTrainingDataset. A single string holds one caption per line, unless there
+    is a single training item (`n == 1`): then the whole text, line breaks included, is its
+    caption. Empty lines between captions are empty captions; a trailing line break is not one.
+    """
+    texts = [c if isinstance(c, str) else "" for c in (captions or []) if c is not None]
+    if len(texts) == 1 and n != 1:
+        texts = texts[0].splitlines() or [""]
+    return [t.strip() for t in texts]
 
 
 def per_item(values: list, n: int, what: str) -> list:
@@ -62,8 +68,8 @@ def training_items(latents: list[dict], positive: list | None, clip, captions: l
     if not lat:
         raise ValueError("no training latents")
     if clip is not None:
-        texts = split_captions(captions)
-        if not texts:
+        texts = split_captions(captions, len(lat))
+        if not texts or texts == [""]:
             raise ValueError("a CLIP is connected (text-encoder training) but the captions are "
                              "empty: give one caption per line, in the order of the latents")
         if positive:
