@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack, one module per capability. `NODES` is what the extension registers."""
 
 from .convert import CONVERT_NODES
+from .dataset import DATASET_NODES
 from .loaders import LOADER_NODES
 from .merge import MERGE_NODES
 from .schedule import SCHEDULE_NODES
@@ -13,5 +14,6 @@ NODES += CONVERT_NODES
 NODES += MERGE_NODES
 NODES += SCHEDULE_NODES
 NODES += TRAIN_NODES
+NODES += DATASET_NODES
 
 register_routes()  # HTTP routes for web/js, only inside a running ComfyUI server

@@ -30,7 +30,14 @@ from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, writ
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
 from .patching import apply_adapter
 from .train_data import CaptionEncoder, Objective, training_items
-from .train_dataset import extra_inputs, save_path
+from .train_dataset import (
+    DatasetObjective,
+    caption_models,
+    epoch_plan,
+    epoch_saves,
+    extra_inputs,
+    save_path,
+)
 from .train_ops import differentiable_ops
 
 log = logging.getLogger("lycoris_nodes")
@@ -42,8 +49,9 @@ def _inputs() -> list:
     Int, F, B, S, C = io.Int.Input, io.Float.Input, io.Boolean.Input, io.String.Input, io.Combo.Input
     return [
         io.Model.Input("model", tooltip="The diffusion model to train on (SDXL or Anima / Cosmos DiT)."),
-        io.Latent.Input("latents", tooltip="Training latents (one or more LATENT batches; every "
-                        "image is one training item)."),
+        io.Latent.Input("latents", optional=True, tooltip="Training latents (one or more LATENT "
+                        "batches; every image is one training item). Not needed with a "
+                        "training_set."),
         io.Conditioning.Input("positive", optional=True, tooltip="The conditioning of each "
                               "training item, in the same order as the latents (one conditioning "
                               "is used for all). Not needed when a CLIP and captions are given."),
@@ -193,8 +201,11 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
     """
     if o["min_timestep"] >= o["max_timestep"]:
         raise ValueError("min_timestep must be smaller than max_timestep")
-    lat, conds, texts = training_items(latents, positive, clip, captions)
+    ts = o.get("training_set")
+    lat, conds, texts = training_items(latents, positive, clip, captions) if ts is None else \
+        (ts.latents, None, None)
     net_cfg, cfg = _network_config(o), _train_config(o)
+    sampler, cfg = epoch_plan(o, ts, lat, cfg)
     resume_path = _resolve_resume(o["resume_from"])
     out_file = save_path(o)  # <loras or output>/<name>_NNNNN_.safetensors, never outside
     filename = out_file.name[: -len(".safetensors")].rstrip("_").rsplit("_", 1)[0]
@@ -203,7 +214,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
 
     patcher = model.clone()
     te = clip.clone() if clip is not None else None
-    mm.load_models_gpu([patcher] + ([te.patcher] if te else []), memory_required=1e20,
+    mm.load_models_gpu([patcher] + ([te.patcher] if te else []) + caption_models(ts, te),
+                       memory_required=1e20,
                        force_full_load=True)
     dm = patcher.model.diffusion_model
     arch = detect_architecture(k for k, _ in patcher.model.named_parameters())
@@ -222,11 +234,14 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
             release_inference_tensors(m)
             m.requires_grad_(False)
         named = named_layers()
-        encoder = CaptionEncoder(te, texts) if te is not None else None
+        encoder = CaptionEncoder(te, texts) if te is not None and ts is None else None
         objective = Objective(patcher, lat, conds, mm.get_torch_device(),
                               DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"],
-                              encoder=encoder)
+                              encoder=encoder) if ts is None else \
+            DatasetObjective(patcher, ts, mm.get_torch_device(), DTYPES[o["training_dtype"]],
+                             o["min_timestep"], o["max_timestep"], trained_clip=te)
         trainer = Trainer(net, cfg, objective, len(lat))
+        trainer.sampler = sampler
         trainer.nan_hint = nan_hint(DTYPES[o["training_dtype"]])
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
@@ -243,7 +258,9 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         try:
             with differentiable_ops(), gradient_checkpointing(_blocks(dm), o["gradient_checkpointing"]):
                 finished = trainer.run(
-                    on_step=_progress(node_id, cfg.steps), should_stop=mm.processing_interrupted,
+                    on_step=epoch_saves(_progress(node_id, cfg.steps), sampler, o, save, base,
+                                        cfg.steps),
+                    should_stop=mm.processing_interrupted,
                     on_save=lambda s: save(Path(f"{base}step{s:06d}.safetensors")))
         finally:
             net.detach()
@@ -291,7 +308,7 @@ class TrainLyCORIS(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents, positive=None, clip=None, captions=None,
+    def execute(cls, model, latents=None, positive=None, clip=None, captions=None,
                 **kwargs) -> io.NodeOutput:
         opts = {k: v[0] if isinstance(v, list) else v for k, v in kwargs.items()}
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)

@@ -64,7 +64,7 @@ def per_item(values: list, n: int, what: str) -> list:
 def training_items(latents: list[dict], positive: list | None, clip, captions: list[str] | None):
     """The node's training set: (latents, conditionings or None, captions or None), one entry
     per item. With a CLIP the captions are used (re-encoded every step), otherwise `positive`."""
-    lat = flatten_latents(latents)
+    lat = flatten_latents(latents or [])
     if not lat:
         raise ValueError("no training latents")
     if clip is not None:
@@ -106,14 +106,20 @@ class CaptionEncoder:
         self.tokens = [clip.tokenize(c) for c in captions]
 
     def __call__(self, i: int) -> list:
-        model = self.clip.cond_stage_model
-        model.reset_clip_options()
-        if self.clip.layer_idx is not None:
-            model.set_clip_options({"layer": self.clip.layer_idx})
-        with torch.autograd.graph.saved_tensors_hooks(_keep_saved, lambda t: t):
-            out = model.encode_token_weights(self.tokens[i])
-        extra = {"pooled_output": out[1], **(out[2] if len(out) > 2 else {})}
-        return [[out[0], extra]]
+        return encode_tokens(self.clip, self.tokens[i])
+
+
+def encode_tokens(clip, tokens) -> list:
+    """One CONDITIONING entry for `tokens` from a loaded CLIP, with its own layer choice (CLIP
+    Set Last Layer); activations saved for backward are kept (see `_keep_saved`)."""
+    model = clip.cond_stage_model
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    with torch.autograd.graph.saved_tensors_hooks(_keep_saved, lambda t: t):
+        out = model.encode_token_weights(tokens)
+    extra = {"pooled_output": out[1], **(out[2] if len(out) > 2 else {})}
+    return [[out[0], extra]]
 
 
 class Objective:

@@ -4,12 +4,22 @@ workflows saved before them run as they did."""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import folder_paths
+import torch
 from comfy_api.latest import io
 
 from ..lycoris_core.paths import safe_output_path
+from ..lycoris_core.train.dataset import EpochSampler, process_caption, steps_for_epochs
+from ..lycoris_core.train.loop import TrainConfig
+from .dataset import TrainingSetType
+from .train_data import Objective, encode_tokens
+
+log = logging.getLogger("lycoris_nodes")
 
 SAVE_TO = ("loras", "output")
 
@@ -22,6 +32,7 @@ def extra_inputs() -> list:
                        "folder: LoadLyCORIS and the LoRA loaders list it at once, after a refresh "
                        "of the page's lists) or 'output' (ComfyUI's output folder). Workflows "
                        "saved before this option existed keep writing to 'output'."),
+        *training_inputs(),
     ]
 
 
@@ -40,3 +51,118 @@ def save_path(o: dict) -> Path:
     """`<root>/<output_name>_NNNNN_.safetensors`: SaveImage-style counter, never an existing
     file, never outside the chosen folder (a bad name raises ValueError)."""
     return safe_output_path(save_root(o), o["output_name"], ".safetensors", subdirs=True)
+
+
+def training_inputs() -> list:
+    """LyCORISDataset's training set and sd-scripts' epoch options."""
+    return [
+        TrainingSetType.Input("training_set", optional=True, tooltip="A LyCORISDataset (kohya "
+                              "folder, buckets, repeats, caption options, flip_aug). Replaces "
+                              "latents / positive / captions; a CLIP connected here still "
+                              "trains the text encoders on its captions."),
+        io.Int.Input("max_train_epochs", default=0, min=0, max=100_000, optional=True,
+                     tooltip="--max_train_epochs: when > 0 it sets the number of steps (epochs "
+                     "× ceil(batches per epoch / gradient_accumulation_steps)) instead of steps."),
+        io.Int.Input("save_every_n_epochs", default=0, min=0, max=100_000, optional=True,
+                     tooltip="--save_every_n_epochs: also save (with the resume sidecar) after "
+                     "every N epochs (0 = off). Files end in epochNNNNNN."),
+    ]
+
+
+def epoch_plan(o: dict, ts, latents: list[torch.Tensor], cfg: TrainConfig):
+    """(sampler, cfg): with a training set or an epoch option, batches come epoch by epoch as
+    in sd-scripts (each item × its repeats, one bucket per batch) and max_train_epochs sets the
+    steps; otherwise (None, cfg) and the trainer draws batches as before."""
+    epochs, every = int(o.get("max_train_epochs") or 0), int(o.get("save_every_n_epochs") or 0)
+    if ts is None and not epochs and not every:
+        return None, cfg
+    if ts is not None:
+        buckets, repeats = list(ts.buckets), list(ts.repeats)
+    else:
+        buckets, repeats = [tuple(x.shape) for x in latents], [1] * len(latents)
+    sampler = EpochSampler(buckets, repeats, cfg.batch_size, seed=cfg.seed)
+    if epochs:
+        cfg = replace(cfg, steps=steps_for_epochs(epochs, sampler.batches, cfg.grad_accumulation))
+        log.info("TrainLyCORIS: %d epoch(s) of %d batch(es) = %d steps", epochs, sampler.batches,
+                 cfg.steps)
+    return sampler, cfg
+
+
+def epoch_saves(on_step: Callable[[int, float], None], sampler, o: dict,
+                save: Callable[[Path], None], base: Path, total: int) -> Callable[[int, float], None]:
+    """`on_step` that also saves after every save_every_n_epochs-th epoch (not at the end: the
+    final file is saved by the caller)."""
+    every = int(o.get("save_every_n_epochs") or 0)
+    if sampler is None or not every:
+        return on_step
+    done: list[int] = []
+    sampler.on_epoch_end = done.append
+
+    def step(n: int, loss: float) -> None:
+        on_step(n, loss)
+        while done:
+            epoch = done.pop(0)
+            if epoch % every == 0 and n < total:
+                save(Path(f"{base}epoch{epoch:06d}.safetensors"))
+    return step
+
+
+def caption_models(ts, trained_clip) -> list:
+    """The frozen CLIP of a training set, loaded with the model for the whole run (its captions
+    are encoded while training)."""
+    if ts is None or trained_clip is not None or ts.clip is None:
+        return []
+    return [ts.clip.patcher]
+
+
+class DatasetObjective(Objective):
+    """The loss on a LyCORISDataset's items: per batch position, a flip draw (flip_aug, p = ½)
+    and a caption draw (sd-scripts' caption options), from the run's generator (so resuming
+    draws the same). A trained CLIP encodes the caption at every step with gradients; otherwise
+    the training set's frozen CLIP encodes each distinct caption once (cached)."""
+
+    def __init__(self, patcher, ts, device, dtype, min_t: int, max_t: int, trained_clip=None):
+        self.ts = ts
+        self.trained_clip = trained_clip
+        self.clip = trained_clip if trained_clip is not None else ts.clip
+        if self.clip is None:
+            raise ValueError("the training set has no CLIP to encode its captions")
+        self.text_cache: dict[str, list] = {}
+        self.token_cache: dict[str, object] = {}
+        self.encoded = 0  # CLIP runs (distinct captions with a frozen CLIP)
+        self.drawn: list[tuple[int, bool, str]] = []  # (item, flipped, caption) of the last call
+        super().__init__(patcher, ts.latents, None, device, dtype, min_t, max_t,
+                         encoder=self._encode)
+        self.plain = self.x0
+        self.mirrored = None if ts.flipped is None else \
+            [self.base.process_latent_in(x.to(device, torch.float32)) for x in ts.flipped]
+
+    def _tokens(self, text: str):
+        if text not in self.token_cache:
+            self.token_cache[text] = self.clip.tokenize(text)
+        return self.token_cache[text]
+
+    def _encode(self, pos: int) -> list:
+        text = self.drawn[pos][2]
+        if self.trained_clip is not None:
+            self.encoded += 1
+            return encode_tokens(self.clip, self._tokens(text))
+        if text not in self.text_cache:
+            with torch.no_grad(), torch.autocast(self.device.type if hasattr(self.device, "type")
+                                                 else str(self.device), enabled=False):
+                self.text_cache[text] = encode_tokens(self.clip, self._tokens(text))
+            self.encoded += 1
+        return self.text_cache[text]
+
+    def __call__(self, idx: list[int]) -> torch.Tensor:
+        opts = self.ts.caption_options
+        drawn = []
+        for i in idx:
+            flip = self.mirrored is not None and float(torch.rand(())) < 0.5
+            drawn.append((i, flip, process_caption(self.ts.captions[i], opts)))
+        self.drawn = drawn
+        self.x0 = [(self.mirrored if f else self.plain)[i] for i, f, _ in drawn]
+        try:
+            return super().__call__(list(range(len(drawn))))
+        finally:
+            self.x0 = self.plain

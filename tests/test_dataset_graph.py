@@ -1,0 +1,212 @@
+"""LyCORISDataset → TrainLyCORIS through real ComfyUI graphs: a kohya folder made here (mixed
+sizes, missing captions, N_name repeats, a truncated image, a non-UTF-8 caption), sd-scripts'
+buckets and items per epoch as numbers, epochs and epoch saves, save_to, caption handling of
+the old inputs, and the training set's caption/flip draws.
+
+Buckets at resolution 64 (min 32, max 128, steps 8), from sd-scripts' rules (worked out in
+test_train_dataset.py): 64×64 → 64×64, 64×96 → 48×80, 96×64 → 80×48.
+"""
+
+from __future__ import annotations
+
+import io as pyio
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lycoris_core import load_adapter
+from lycoris_core.train.checkpoint import read_state
+
+TRAIN = dict(
+    algorithm="loha", network_dim=4, network_alpha=4.0, conv_dim=0, conv_alpha=1.0, use_tucker=False,
+    use_scalar=False, rank_dropout=0.0, module_dropout=0.0, exclude_patterns="", include_patterns="",
+    network_reg_dims="", network_reg_lrs="", factor=-1, decompose_both=False, train_llm_adapter=False,
+    loraplus_lr_ratio=0.0, optimizer="AdamW", learning_rate=1e-3, lr_scheduler="constant",
+    lr_warmup_steps=0, steps=1000, batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0,
+    seed=0, min_timestep=0, max_timestep=1000, training_dtype="fp32", save_precision="fp32",
+    gradient_checkpointing=False, save_every_n_steps=0, output_name="lycoris/ds",
+    resume_from="", write_sdscripts_config=False,
+)
+DATASET = dict(
+    resolution=64, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
+    bucket_reso_steps=8, bucket_no_upscale=False, caption_extension=".txt", shuffle_caption=True,
+    keep_tokens=1, keep_tokens_separator="", caption_separator=",", caption_dropout_rate=0.1,
+    caption_tag_dropout_rate=0.2, caption_prefix="", caption_suffix="", flip_aug=True, batch_size=2,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _png(w: int, h: int, seed: int) -> bytes:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = pyio.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def kohya_folder(host) -> str:
+    """input/acc_train: `2_acc pattern` (64×64 ×2, 64×96, 96×64 without caption, a truncated
+    PNG), `1_other` (96×64 with a non-UTF-8 caption → class name), `notes` (no repeat count)."""
+    root = host.base_dir / "input" / "acc_train"
+    a, b, n = root / "2_acc pattern", root / "1_other", root / "notes"
+    for d in (a, b, n):
+        d.mkdir(parents=True, exist_ok=True)
+    (a / "sq1.png").write_bytes(_png(64, 64, 1))
+    (a / "sq1.txt").write_text("acc, red, round, small\n", encoding="utf-8")
+    (a / "sq2.png").write_bytes(_png(64, 64, 2))
+    (a / "sq2.txt").write_text("acc, blue, square", encoding="utf-8")
+    (a / "tall.png").write_bytes(_png(64, 96, 3))
+    (a / "tall.txt").write_text("acc, tall, green", encoding="utf-8")
+    (a / "wide.png").write_bytes(_png(96, 64, 4))                    # no caption → class name
+    (a / "broken.png").write_bytes(_png(64, 64, 5)[:60])              # truncated
+    (b / "w2.png").write_bytes(_png(96, 64, 6))
+    (b / "w2.txt").write_bytes(b"caf\xe9, latin-1")                  # not UTF-8
+    (n / "ignored.png").write_bytes(_png(64, 64, 7))
+    return "acc_train"
+
+
+def graph(folder: str, ds: dict | None = None, **train) -> dict:
+    return {
+        "1": {"class_type": "LycorisTestModel", "inputs": {"kind": "tiny_sdxl", "seed": 0}},
+        "2": {"class_type": "LycorisTestVAE", "inputs": {"seed": 0}},
+        "3": {"class_type": "LyCORISDataset", "inputs": {"folder": folder, "vae": ["2", 0],
+                                                          "clip": ["1", 1], **DATASET, **(ds or {})}},
+        "4": {"class_type": "TrainLyCORIS", "inputs": {"model": ["1", 0], "training_set": ["3", 0],
+                                                        **{**TRAIN, **train}}},
+        "5": {"class_type": "LycorisTestSink", "inputs": {"model": ["4", 0], "text": ["3", 1]}},
+    }
+
+
+def run_ok(executor, prompt: dict):
+    res = executor.run(prompt)
+    assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
+    return res
+
+
+def test_kohya_folder_buckets_repeats_epochs(executor, host, kohya_folder):
+    res = run_ok(executor, graph(kohya_folder, max_train_epochs=2, save_every_n_epochs=1,
+                                 save_to="loras", output_name="lycoris/kohya"))
+    ts, report = res.outputs("3")
+    # 5 usable images: 4 in `2_acc pattern` (×2) and 1 in `1_other` (×1) → 9 items per epoch
+    assert ts.names == ["1_other/w2.png", "2_acc pattern/sq1.png", "2_acc pattern/sq2.png",
+                        "2_acc pattern/tall.png", "2_acc pattern/wide.png"]
+    assert ts.repeats == [1, 2, 2, 2, 2]
+    assert ts.buckets == [(80, 48), (64, 64), (64, 64), (48, 80), (80, 48)]
+    assert [tuple(x.shape) for x in ts.latents] == [(1, 4, 6, 10), (1, 4, 8, 8), (1, 4, 8, 8),
+                                                    (1, 4, 10, 6), (1, 4, 6, 10)]
+    assert ts.captions == ["other", "acc, red, round, small", "acc, blue, square",
+                           "acc, tall, green", "acc pattern"]
+    # flip_aug: the mirrored latent is the VAE's encoding of the mirrored image, not a flip of
+    # the latent (the VAE is not flip-equivariant)
+    assert all(f.shape == x.shape and not torch.allclose(f, x)
+               for f, x in zip(ts.flipped, ts.latents, strict=True))
+    lines = report.splitlines()
+    # items per epoch: 64×64: 2 images × 2 = 4; 48×80: 1 × 2 = 2; 80×48: 1×1 + 1×2 = 3; batch 2
+    # → ceil(4/2) + ceil(2/2) + ceil(3/2) = 2 + 1 + 2 = 5 batches per epoch
+    assert lines[0] == "5 image(s) in 2 subset(s), 9 item(s) per epoch (5 batch(es) of 2)"
+    assert "bucket 48×80: 1 image(s), 2 item(s) per epoch" in lines
+    assert "bucket 64×64: 2 image(s), 4 item(s) per epoch" in lines
+    assert "bucket 80×48: 2 image(s), 3 item(s) per epoch" in lines
+    assert any("broken.png" in x and "not a readable image" in x for x in lines)
+    assert any("w2.txt" in x and "not UTF-8" in x for x in lines)
+    assert any("wide.png" in x and "class name 'acc pattern'" in x for x in lines)
+    assert any("'notes'" in x for x in lines)
+    assert str(host.base_dir) not in report  # names as the user knows them, no absolute paths
+    # 2 epochs × 5 batches (batch_size 2, no accumulation) = 10 steps, saved into loras
+    path = Path(res.outputs("4")[1])
+    assert path.parent == (host.base_dir / "models" / "loras" / "lycoris").resolve()
+    info = read_state(path)[1]
+    assert len(info["losses"]) == 10 and info["sampler"]["epoch"] == 2
+    assert load_adapter(path).metadata["ss_steps"] == "10"
+    epoch1 = sorted(path.parent.glob("kohya_*epoch000001.safetensors"))
+    assert len(epoch1) == 1 and read_state(epoch1[0])[1]["step"] == 5
+    assert not list(path.parent.glob("kohya_*epoch000002.safetensors"))  # the end: the final file
+
+
+def test_resume_mid_epoch_through_the_graph(executor, host, kohya_folder):
+    from safetensors.torch import load_file
+
+    full = run_ok(executor, graph(kohya_folder, steps=7, save_every_n_steps=3,
+                                  output_name="lycoris/ds_full"))
+    full_path = Path(full.outputs("4")[1])
+    mid = sorted(full_path.parent.glob(f"{full_path.name[:-len('.safetensors')]}step000003.safetensors"))
+    assert len(mid) == 1 and read_state(mid[0])[1]["sampler"]["position"] == 3  # mid-epoch (of 5)
+    resumed = run_ok(executor, graph(kohya_folder, steps=7, resume_from=str(mid[0]),
+                                     output_name="lycoris/ds_resumed"))
+    a, b = load_file(full_path), load_file(resumed.outputs("4")[1])
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_state(full_path)[1]["losses"] == read_state(resumed.outputs("4")[1])[1]["losses"]
+
+
+def test_caption_and_flip_draws_encode_each_variant_once(executor, host, kohya_folder):
+    import comfy.model_management as mm
+    import comfy_host
+
+    res = run_ok(executor, {k: v for k, v in graph(kohya_folder).items() if k in ("1", "2", "3")}
+                 | {"5": {"class_type": "LycorisTestSink", "inputs": {"text": ["3", 1]}}})
+    ts = res.outputs("3")[0]
+    model = res.outputs("1")[0]
+    tr = sys.modules[comfy_host.PACK_MODULE + ".nodes.train_dataset"]
+    mm.load_models_gpu([model, ts.clip.patcher], force_full_load=True)
+    ob = tr.DatasetObjective(model, ts, torch.device("cpu"), torch.float32, 0, 1000)
+    flips, captions = [], []
+    with torch.inference_mode(False), torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(12):
+            loss = ob([1, 2, 3, 1])
+            assert torch.isfinite(loss)
+            flips += [f for _, f, _ in ob.drawn]
+            captions += [c for _, _, c in ob.drawn]
+    assert 0.25 < sum(flips) / len(flips) < 0.75       # p = ½ of 48 draws
+    assert "" in captions                               # caption_dropout_rate 0.1 of 48 draws
+    assert all(c == "" or c.startswith("acc") for c in captions)   # keep_tokens = 1
+    assert len(set(captions)) > 6                       # shuffled / tag-dropped variants
+    assert ob.encoded == len(set(captions)) == len(ob.text_cache)   # each variant once
+
+
+def test_bad_folders_give_clear_errors(executor, host):
+    empty = host.base_dir / "input" / "empty_set" / "3_x"
+    empty.mkdir(parents=True, exist_ok=True)
+    (empty / "bad.png").write_bytes(b"not a png")
+    for folder, message in [("empty_set", "no usable image"), ("../output", "input directory"),
+                            ("missing_folder", "not found")]:
+        res = executor.run(graph(folder))
+        assert not res.ok
+        err = str(res.execution_error or res.node_errors)
+        assert message in err, err
+        assert str(host.base_dir) not in err
+    res = executor.run(graph("empty_set"))
+    assert "bad.png" in str(res.execution_error)
+
+
+def test_single_item_caption_with_line_breaks_and_empty_captions(executor, host):
+    import comfy_host
+
+    td = sys.modules[comfy_host.PACK_MODULE + ".nodes.train_data"]
+    assert td.split_captions(["a", "", "c"], 3) == ["a", "", "c"]       # a list keeps empties
+    assert td.split_captions(["line one\nline two"], 1) == ["line one\nline two"]
+    assert td.split_captions(["a\n\nc\n"], 3) == ["a", "", "c"]
+    prompt = {
+        "1": {"class_type": "LycorisTestModel", "inputs": {"kind": "tiny_sdxl", "seed": 0}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "4": {"class_type": "TrainLyCORIS", "inputs": {
+            "model": ["1", 0], "latents": ["2", 0], "clip": ["1", 1],
+            "captions": "a caption\nover two lines", **{**TRAIN, "steps": 1, "batch_size": 1,
+                                                          "output_name": "lycoris/multiline"}}},
+        "5": {"class_type": "LycorisTestSink", "inputs": {"model": ["4", 0]}},
+    }
+    res = run_ok(executor, prompt)  # was "1 training latents but 2 captions"
+    path = Path(res.outputs("4")[1])
+    assert path.parent == (host.base_dir / "output" / "lycoris").resolve()  # no save_to: output
