@@ -26,13 +26,19 @@ from ..lycoris_core.train.objective import (
     loss_curve_image,
     release_inference_tensors,
 )
-from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, write_text
+from ..lycoris_core.train.sdscripts import (
+    dataset_config_toml,
+    dataset_toml,
+    sdscripts_command,
+    write_text,
+)
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
 from .patching import apply_adapter
 from .train_data import CaptionEncoder, Objective, training_items
 from .train_dataset import (
     DatasetObjective,
     caption_models,
+    epoch_args,
     epoch_plan,
     epoch_saves,
     extra_inputs,
@@ -271,13 +277,14 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         log.warning("TrainLyCORIS: cancelled at step %d; saved %s", trainer.step, final)
         mm.throw_exception_if_processing_interrupted()
     if o["write_sdscripts_config"]:
-        toml = write_text(f"{base}.dataset.toml", dataset_toml(batch_size=cfg.batch_size))
+        toml = write_text(f"{base}.dataset.toml", dataset_toml(batch_size=cfg.batch_size)
+                          if ts is None else dataset_config_toml(ts.description, cfg.batch_size))
         cmd = sdscripts_command(arch, net_cfg, cfg, output_name=filename, dataset_toml=str(toml),
                                 training_dtype=o["training_dtype"], save_precision=o["save_precision"],
                                 gradient_checkpointing=o["gradient_checkpointing"],
                                 min_timestep=o["min_timestep"], max_timestep=o["max_timestep"],
                                 train_text_encoder=te is not None)
-        write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + "\n")
+        write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + epoch_args(o) + "\n")
     new_model, new_clip, _ = apply_adapter(model, clip, str(final), 1.0, 1.0, node="TrainLyCORIS")
     return new_model, str(final), loss_curve_image(trainer.losses), new_clip
 

@@ -166,3 +166,12 @@ class DatasetObjective(Objective):
             return super().__call__(list(range(len(drawn))))
         finally:
             self.x0 = self.plain
+
+
+def epoch_args(o: dict) -> str:
+    """sd-scripts flags for the epoch options (appended to the written command line)."""
+    out = ""
+    for k in ("max_train_epochs", "save_every_n_epochs"):
+        if int(o.get(k) or 0):
+            out += f" --{k} {int(o[k])}"
+    return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io as pyio
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -97,7 +98,8 @@ def run_ok(executor, prompt: dict):
 
 def test_kohya_folder_buckets_repeats_epochs(executor, host, kohya_folder):
     res = run_ok(executor, graph(kohya_folder, max_train_epochs=2, save_every_n_epochs=1,
-                                 save_to="loras", output_name="lycoris/kohya"))
+                                 save_to="loras", output_name="lycoris/kohya",
+                                 write_sdscripts_config=True))
     ts, report = res.outputs("3")
     # 5 usable images: 4 in `2_acc pattern` (×2) and 1 in `1_other` (×1) → 9 items per epoch
     assert ts.names == ["1_other/w2.png", "2_acc pattern/sq1.png", "2_acc pattern/sq2.png",
@@ -133,6 +135,23 @@ def test_kohya_folder_buckets_repeats_epochs(executor, host, kohya_folder):
     epoch1 = sorted(path.parent.glob("kohya_*epoch000001.safetensors"))
     assert len(epoch1) == 1 and read_state(epoch1[0])[1]["step"] == 5
     assert not list(path.parent.glob("kohya_*epoch000002.safetensors"))  # the end: the final file
+    # the sd-scripts export: the same folders, repeats, buckets and caption options
+    import tomllib
+
+    from lycoris_core.train.sdscripts import description_from_toml
+
+    stem = path.name[: -len(".safetensors")]
+    doc = tomllib.loads((path.parent / f"{stem}.dataset.toml").read_text(encoding="utf-8"))
+    back = description_from_toml(doc)
+    assert back.image_dir == str(host.base_dir / "input" / "acc_train")
+    assert [(s.folder, s.num_repeats, s.class_tokens) for s in back.subsets] == [
+        ("1_other", 1, "other"), ("2_acc pattern", 2, "acc pattern")]
+    # (the pack's classes are those of ComfyUI's module copy: compare the fields)
+    assert asdict(back.buckets) == asdict(ts.description.buckets)
+    assert asdict(back.captions) == asdict(ts.description.captions)
+    assert back.flip_aug and back.batch_size == 2
+    sh = (path.parent / f"{stem}.sdscripts.sh").read_text()
+    assert "--max_train_epochs 2 --save_every_n_epochs 1" in sh and "--max_train_steps 10" in sh
 
 
 def test_resume_mid_epoch_through_the_graph(executor, host, kohya_folder):

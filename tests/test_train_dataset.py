@@ -189,3 +189,37 @@ def test_bucket_options_are_checked():
         BucketOptions(min_bucket_reso=32, bucket_reso_steps=64)
     with pytest.raises(ValueError):
         CaptionOptions(caption_dropout_rate=float("nan"))
+
+
+def test_sdscripts_dataset_toml_round_trips():
+    import dataclasses
+
+    import tomllib
+
+    from lycoris_core.train.dataset import DatasetDescription, SubsetInfo
+    from lycoris_core.train.sdscripts import dataset_config_toml, description_from_toml
+
+    desc = DatasetDescription(
+        "/data/acc \"train\"\\x",
+        [SubsetInfo("1_other", 1, "other", 2), SubsetInfo("2_acc pattern", 2, "acc pattern", 4),
+         SubsetInfo("10_é_ü", 10, "é_ü", 1)],
+        BucketOptions((768, 512), True, 320, 1536, 32, True),
+        CaptionOptions(".caption", True, 2, "|||", ";", 0.05, 0.1, "pre, fix", "suf\"fix"),
+        flip_aug=True, batch_size=3)
+    text = dataset_config_toml(desc)
+    doc = tomllib.loads(text)
+    ds = doc["datasets"][0]
+    assert ds["resolution"] == [768, 512] and ds["batch_size"] == 3 and ds["bucket_reso_steps"] == 32
+    assert ds["min_bucket_reso"] == 320 and ds["max_bucket_reso"] == 1536 and ds["bucket_no_upscale"]
+    assert [(s["image_dir"], s["num_repeats"], s["class_tokens"]) for s in ds["subsets"]] == [
+        ("/data/acc \"train\"\\x/1_other", 1, "other"),
+        ("/data/acc \"train\"\\x/2_acc pattern", 2, "acc pattern"),
+        ("/data/acc \"train\"\\x/10_é_ü", 10, "é_ü")]
+    assert all(s["keep_tokens_separator"] == "|||" and s["caption_dropout_rate"] == 0.05
+               for s in ds["subsets"])
+    back = description_from_toml(doc)
+    expected = dataclasses.replace(desc, subsets=[dataclasses.replace(s, images=0)
+                                                  for s in desc.subsets])
+    assert back == expected
+    square = dataset_config_toml(dataclasses.replace(desc, buckets=BucketOptions((1024, 1024))))
+    assert tomllib.loads(square)["datasets"][0]["resolution"] == 1024
