@@ -46,6 +46,7 @@ BENCHES: dict[str, str] = {
     "train": "bench.bench_train",
     "convert": "bench.bench_convert",
     "bypass": "bench.bench_bypass",
+    "dataset": "bench.bench_dataset",
 }
 ON_CURRENT_COMFYUI = {"bypass"}
 """Benches that need current ComfyUI (core's bypass adapters): run with the second host's Python

@@ -44,10 +44,14 @@ def split_captions(captions: list[str] | None, n: int | None = None) -> list[str
     and ComfyUI's MakeTrainingDataset. A single string holds one caption per line, unless there
     is a single training item (`n == 1`): then the whole text, line breaks included, is its
     caption. Empty lines between captions are empty captions; a trailing line break is not one.
+    A single blank string (the empty caption field) gives no captions.
     """
     texts = [c if isinstance(c, str) else "" for c in (captions or []) if c is not None]
-    if len(texts) == 1 and n != 1:
-        texts = texts[0].splitlines() or [""]
+    if len(texts) == 1:
+        if not texts[0].strip():  # a blank caption field: no captions given
+            return []
+        if n != 1:
+            texts = texts[0].splitlines()
     return [t.strip() for t in texts]
 
 
@@ -69,7 +73,7 @@ def training_items(latents: list[dict], positive: list | None, clip, captions: l
         raise ValueError("no training latents")
     if clip is not None:
         texts = split_captions(captions, len(lat))
-        if not texts or texts == [""]:
+        if not texts:
             raise ValueError("a CLIP is connected (text-encoder training) but the captions are "
                              "empty: give one caption per line, in the order of the latents")
         if positive:

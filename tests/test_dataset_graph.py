@@ -217,6 +217,7 @@ def test_single_item_caption_with_line_breaks_and_empty_captions(executor, host)
     assert td.split_captions(["a", "", "c"], 3) == ["a", "", "c"]       # a list keeps empties
     assert td.split_captions(["line one\nline two"], 1) == ["line one\nline two"]
     assert td.split_captions(["a\n\nc\n"], 3) == ["a", "", "c"]
+    assert td.split_captions(["  \n "], 2) == [] and td.split_captions(["", ""], 2) == ["", ""]
     prompt = {
         "1": {"class_type": "LycorisTestModel", "inputs": {"kind": "tiny_sdxl", "seed": 0}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},

@@ -29,6 +29,7 @@ EXAMPLE_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 EXAMPLE_ADAPTERS = {"example_lokr.safetensors": "lokr", "example_loha.safetensors": "loha"}
 CONVERT_SOURCE = "sdxl_lokr_sdscripts.safetensors"
 EXAMPLE_IMAGE = "example.png"
+EXAMPLE_DATASET = "kohya_dataset"
 TINY_UNET_KEYS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
                   "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
 
@@ -117,6 +118,9 @@ def on_tiny_models(prompt: dict, overrides: dict[str, dict] | None = None) -> di
         for c in _consumers(p, nid, 2):
             if p[c]["class_type"] == "VAEEncode":
                 p[c] = {"class_type": "EmptyLatentImage", "inputs": {**TINY_LATENT, "batch_size": 2}}
+            elif p[c]["class_type"] == "LyCORISDataset":  # encodes with the tiny test VAE
+                p[f"{nid}_vae"] = {"class_type": "LycorisTestVAE", "inputs": {"seed": 0}}
+                p[c]["inputs"]["vae"] = [f"{nid}_vae", 0]
             else:
                 _drop(p, c)
     for nid, node in list(p.items()):
@@ -154,3 +158,12 @@ def put_example_files(base: Path, convert_source: Path | None = None) -> None:
     elif not (loras / CONVERT_SOURCE).exists():
         shutil.copyfile(loras / "example_lokr.safetensors", loras / CONVERT_SOURCE)
     Image.new("RGB", (64, 64), (200, 120, 40)).save(base / "input" / EXAMPLE_IMAGE)
+    # the kohya folder of lycoris_train_dataset: 4 repeats of class "sks dog", mixed sizes, one
+    # image without a caption file
+    subset = base / "input" / EXAMPLE_DATASET / "4_sks dog"
+    subset.mkdir(parents=True, exist_ok=True)
+    for i, (size, caption) in enumerate([((64, 64), "sks dog, sitting"), ((64, 96), "sks dog, standing"),
+                                         ((96, 64), None)]):
+        Image.new("RGB", size, (40 * i, 120, 200 - 40 * i)).save(subset / f"dog{i}.png")
+        if caption is not None:
+            (subset / f"dog{i}.txt").write_text(caption, encoding="utf-8")
