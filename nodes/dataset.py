@@ -50,6 +50,7 @@ class TrainingSet:
     buckets: list[tuple[int, int]]
     caption_options: CaptionOptions
     clip: object
+    vae: object
     description: DatasetDescription
     report: list[str] = field(default_factory=list)
 
@@ -151,7 +152,7 @@ def build_training_set(folder: str, vae, clip, buckets: BucketOptions, captions:
         s.images = sum(1 for n in names if n.split("/", 1)[0] == s.folder)
     desc = DatasetDescription(str(root), subsets, buckets, captions, flip_aug, batch_size)
     ts = TrainingSet(names, lat, flipped if flip_aug else None, caps, reps, resos, captions, clip,
-                     desc, report)
+                     vae, desc, report)
     items = sum(reps)
     summary = [f"{len(names)} image(s) in {len(subsets)} subset(s), {items} item(s) per epoch "
                f"({ts.batches_per_epoch(batch_size)} batch(es) of {batch_size})",

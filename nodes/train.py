@@ -45,6 +45,7 @@ from .train_dataset import (
     save_path,
 )
 from .train_ops import differentiable_ops
+from .train_samples import TrainingSamples, sample_inputs
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -138,6 +139,7 @@ def _inputs() -> list:
         B("write_sdscripts_config", default=False, tooltip="Also write the equivalent "
           "sd-scripts command line (.sdscripts.sh) and dataset TOML for multi-GPU training."),
         *extra_inputs(),
+        *sample_inputs(),
     ]
 
 
@@ -203,7 +205,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
           captions: list[str] | None = None):
     """Run the training described by the node options `o`.
 
-    Returns (model, path, loss image, clip); the clip is None when none was given.
+    Returns (model, path, loss image, clip, samples); the clip is None when none was given,
+    the samples an IMAGE batch (of 0 images when none was made).
     """
     if o["min_timestep"] >= o["max_timestep"]:
         raise ValueError("min_timestep must be smaller than max_timestep")
@@ -248,6 +251,9 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                              o["min_timestep"], o["max_timestep"], trained_clip=te)
         trainer = Trainer(net, cfg, objective, len(lat))
         trainer.sampler = sampler
+        samples = TrainingSamples(o, patcher, te if te is not None else getattr(ts, "clip", None),
+                                  o.get("vae") or getattr(ts, "vae", None), net, node_id,
+                                  cfg.steps, cfg.seed)
         trainer.nan_hint = nan_hint(DTYPES[o["training_dtype"]])
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
@@ -264,8 +270,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         try:
             with differentiable_ops(), gradient_checkpointing(_blocks(dm), o["gradient_checkpointing"]):
                 finished = trainer.run(
-                    on_step=epoch_saves(_progress(node_id, cfg.steps), sampler, o, save, base,
-                                        cfg.steps),
+                    on_step=samples.wrap(epoch_saves(_progress(node_id, cfg.steps), sampler, o,
+                                                     save, base, cfg.steps)),
                     should_stop=mm.processing_interrupted,
                     on_save=lambda s: save(Path(f"{base}step{s:06d}.safetensors")))
         finally:
@@ -286,7 +292,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                                 train_text_encoder=te is not None)
         write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + epoch_args(o) + "\n")
     new_model, new_clip, _ = apply_adapter(model, clip, str(final), 1.0, 1.0, node="TrainLyCORIS")
-    return new_model, str(final), loss_curve_image(trainer.losses), new_clip
+    return new_model, str(final), loss_curve_image(trainer.losses), new_clip, samples.batch()
 
 
 class TrainLyCORIS(io.ComfyNode):
@@ -310,6 +316,9 @@ class TrainLyCORIS(io.ComfyNode):
                                 "running mean (blue)."),
                 io.Clip.Output(display_name="clip", tooltip="The input CLIP with the trained "
                                "text-encoder modules applied at strength 1 (empty without a CLIP)."),
+                io.Image.Output(display_name="samples", tooltip="The images sampled during "
+                                "training (sample_every_n_steps), in order of step and prompt "
+                                "(a batch of 0 images without samples)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
@@ -319,9 +328,9 @@ class TrainLyCORIS(io.ComfyNode):
                 **kwargs) -> io.NodeOutput:
         opts = {k: v[0] if isinstance(v, list) else v for k, v in kwargs.items()}
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        m, path, img, new_clip = train(model[0], latents, positive, opts, node_id,
+        m, path, img, new_clip, samples = train(model[0], latents, positive, opts, node_id,
                                        clip=clip[0] if clip else None, captions=captions)
-        return io.NodeOutput(m, path, img, new_clip)
+        return io.NodeOutput(m, path, img, new_clip, samples)
 
 
 TRAIN_NODES = [TrainLyCORIS]

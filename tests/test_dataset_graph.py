@@ -230,3 +230,35 @@ def test_single_item_caption_with_line_breaks_and_empty_captions(executor, host)
     res = run_ok(executor, prompt)  # was "1 training latents but 2 captions"
     path = Path(res.outputs("4")[1])
     assert path.parent == (host.base_dir / "output" / "lycoris").resolve()  # no save_to: output
+
+
+def test_samples_appear_at_the_requested_steps(executor, host, kohya_folder):
+    """sample_every_n_steps 2 over 5 steps: previews at steps 2 and 4 (two prompts each), the
+    samples output holds the 4 images in order; sampling does not change the training."""
+    import comfy.utils
+
+    previews: list[tuple[int, tuple]] = []
+
+    def hook(value, total, preview, node_id=None):
+        if preview is not None:
+            previews.append((int(value), preview[1].size))
+    prompts = "# two prompts\na tiny dog --w 64 --h 48 --s 2 --l 4 --d 1\nanother dog --n blurry --w 64 --h 48 --s 2"
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        res = run_ok(executor, graph(kohya_folder, steps=5, sample_every_n_steps=2,
+                                     sample_prompts=prompts, output_name="lycoris/sampled"))
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert previews == [(2, (64, 48)), (2, (64, 48)), (4, (64, 48)), (4, (64, 48))]
+    samples = res.outputs("4")[4]
+    assert tuple(samples.shape) == (4, 48, 64, 3) and float(samples.std()) > 0
+    # the same prompt and seed after 2 more steps: the trained network changed the image
+    assert not torch.equal(samples[0], samples[2])
+    # without samples: the same training (sampling runs in a forked random state) and no images
+    plain = run_ok(executor, graph(kohya_folder, steps=5, output_name="lycoris/unsampled"))
+    assert read_state(res.outputs("4")[1])[1]["losses"] == read_state(plain.outputs("4")[1])[1]["losses"]
+    assert plain.outputs("4")[4].shape[0] == 0
+    # bad prompt options are a clear error naming the line
+    bad = executor.run(graph(kohya_folder, steps=2, sample_every_n_steps=1,
+                             sample_prompts="ok\nx --w huge", output_name="lycoris/bad"))
+    assert not bad.ok and "sample_prompts line 2" in str(bad.execution_error)

@@ -223,3 +223,16 @@ def test_sdscripts_dataset_toml_round_trips():
     assert back == expected
     square = dataset_config_toml(dataclasses.replace(desc, buckets=BucketOptions((1024, 1024))))
     assert tomllib.loads(square)["datasets"][0]["resolution"] == 1024
+
+
+def test_sample_prompts_in_sdscripts_format():
+    from lycoris_core.train.samples import SamplePrompt, parse_sample_prompts, sample_steps
+
+    got = parse_sample_prompts("# comment\n\na dog --n blurry, bad --w 100 --h 64 --s 4 --l 5.5 --d 7\n"
+                               "  a cat  \n")
+    assert got == [SamplePrompt("a dog", "blurry, bad", 96, 64, 4, 5.5, 7), SamplePrompt("a cat")]
+    for bad, msg in [("x --w 4", "outside"), ("x --s many", "number"), ("x --q 1", "unknown"),
+                     ("x --l nan", "outside")]:
+        with pytest.raises(ValueError, match=msg):
+            parse_sample_prompts(bad)
+    assert sample_steps(2, 5) == [2, 4] and sample_steps(0, 5) == [] and sample_steps(3, 9, 3) == [6, 9]

@@ -105,6 +105,8 @@ def _check(host, res, node: dict, nid: str) -> None:
         if kind == "TrainLyCORIS":  # with a CLIP connected, the text encoders are trained too
             te = [m for m in lc.load_adapter(path).modules if m.startswith("lora_te")]
             assert bool(te) == ("clip" in node["inputs"]) and (out[3] is None) != bool(te)
+            sampled = int(node["inputs"].get("sample_every_n_steps") or 0)
+            assert out[4].shape[0] == (1 if sampled else 0), out[4].shape  # one prompt, step 2
     elif kind == "LyCORISDataset":  # the example's kohya folder: 3 images × 4 repeats
         assert out[1].splitlines()[0].startswith("3 image(s) in 1 subset(s), 12 item(s) per epoch"), out[1]
     elif kind == "ConvertLyCORIS" and not node["inputs"]["dry_run"]:
@@ -117,6 +119,11 @@ def _check(host, res, node: dict, nid: str) -> None:
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_runs_on_tiny_models(host, executor, user_files, name):
     prompt = on_tiny_models(load_example(name, _classes(host)), TINY)
+    if name == "lycoris_train_dataset":  # samples at step 2 of 3, at the tiny model's size
+        for node in prompt.values():
+            if node["class_type"] == "TrainLyCORIS":
+                node["inputs"].update(sample_every_n_steps=2,
+                                      sample_prompts="sks dog on a sofa --n blurry --w 64 --h 64 --s 2")
     res = executor.run(prompt)
     assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
     pack = {cls.define_schema().node_id for cls in host.pack.nodes.NODES}
