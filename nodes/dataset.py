@@ -10,7 +10,7 @@ variant is encoded once by the frozen CLIP (see `train_dataset.DatasetObjective`
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import folder_paths
@@ -29,6 +29,7 @@ from ..lycoris_core.train.dataset import (
     describe_bucket_counts,
     scan_kohya_folder,
     select_bucket,
+    validation_indices,
 )
 
 log = logging.getLogger("lycoris_nodes")
@@ -53,6 +54,7 @@ class TrainingSet:
     vae: object
     description: DatasetDescription
     report: list[str] = field(default_factory=list)
+    validation: TrainingSet | None = None  # held-out images (validation_split)
 
     @property
     def flip_aug(self) -> bool:
@@ -201,6 +203,11 @@ def _inputs() -> list:
           "every step; both latents are encoded once."),
         Int("batch_size", default=1, min=1, max=1024, tooltip="batch_size: only for the report "
             "and the exported TOML; TrainLyCORIS's batch_size is what trains."),
+        F("validation_split", default=0.0, min=0.0, max=0.5, step=0.01, optional=True,
+          tooltip="validation_split: this share of the images is held out (not trained on); "
+          "TrainLyCORIS's validate_every_n_steps measures the loss on them."),
+        Int("validation_seed", default=0, min=0, max=0xFFFFFFFF, optional=True,
+            tooltip="validation_seed: which images are held out."),
     ]
 
 
@@ -228,7 +235,7 @@ class LyCORISDataset(io.ComfyNode):
                 max_bucket_reso, bucket_reso_steps, bucket_no_upscale, caption_extension,
                 shuffle_caption, keep_tokens, keep_tokens_separator, caption_separator,
                 caption_dropout_rate, caption_tag_dropout_rate, caption_prefix, caption_suffix,
-                flip_aug, batch_size) -> io.NodeOutput:
+                flip_aug, batch_size, validation_split=0.0, validation_seed=0) -> io.NodeOutput:
         ext = caption_extension.strip()
         if not ext or len(ext) > 32 or "/" in ext or "\\" in ext:
             raise ValueError(f"caption_extension {caption_extension!r}: give an extension such as .txt")
@@ -239,7 +246,31 @@ class LyCORISDataset(io.ComfyNode):
                               caption_dropout_rate, caption_tag_dropout_rate, caption_prefix,
                               caption_suffix)
         ts = build_training_set(folder, vae, clip, buckets, caps, flip_aug, batch_size)
+        ts = split_validation(ts, validation_split, validation_seed)
         return io.NodeOutput(ts, "\n".join(ts.report))
+
+
+def split_validation(ts: TrainingSet, fraction: float, seed: int) -> TrainingSet:
+    """`ts` without its held-out images, which become `ts.validation` (no flips, captions
+    without random options: the validation loss is measured the same way every time)."""
+    held = validation_indices(len(ts.names), fraction, seed)
+    if not held:
+        return ts
+    keep = [i for i in range(len(ts.names)) if i not in set(held)]
+
+    def pick(idx: list[int]) -> dict:
+        return {"names": [ts.names[i] for i in idx], "latents": [ts.latents[i] for i in idx],
+                "captions": [ts.captions[i] for i in idx], "repeats": [ts.repeats[i] for i in idx],
+                "buckets": [ts.buckets[i] for i in idx]}
+    fixed = replace(ts.caption_options, shuffle_caption=False, caption_dropout_rate=0.0,
+                    caption_tag_dropout_rate=0.0)
+    val = TrainingSet(**pick(held), flipped=None, caption_options=fixed, clip=ts.clip, vae=ts.vae,
+                      description=ts.description)
+    train = replace(ts, **pick(keep), flipped=None if ts.flipped is None else
+                    [ts.flipped[i] for i in keep], validation=val)
+    train.report = [f"validation: {len(held)} image(s) held out ({', '.join(val.names)}); "
+                    f"{len(keep)} trained on, {sum(train.repeats)} item(s) per epoch", *ts.report]
+    return train
 
 
 DATASET_NODES = [LyCORISDataset]

@@ -37,7 +37,9 @@ from .patching import apply_adapter
 from .train_data import CaptionEncoder, Objective, training_items
 from .train_dataset import (
     DatasetObjective,
+    Validation,
     caption_models,
+    draw_validation,
     epoch_args,
     epoch_plan,
     epoch_saves,
@@ -254,6 +256,9 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         samples = TrainingSamples(o, patcher, te if te is not None else getattr(ts, "clip", None),
                                   o.get("vae") or getattr(ts, "vae", None), net, node_id,
                                   cfg.steps, cfg.seed)
+        validation = Validation(o, ts, patcher, mm.get_torch_device(), DTYPES[o["training_dtype"]],
+                                o["min_timestep"], o["max_timestep"], te, net, node_id, cfg.steps,
+                                cfg.seed, cfg.batch_size)
         trainer.nan_hint = nan_hint(DTYPES[o["training_dtype"]])
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
@@ -270,8 +275,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         try:
             with differentiable_ops(), gradient_checkpointing(_blocks(dm), o["gradient_checkpointing"]):
                 finished = trainer.run(
-                    on_step=samples.wrap(epoch_saves(_progress(node_id, cfg.steps), sampler, o,
-                                                     save, base, cfg.steps)),
+                    on_step=validation.wrap(samples.wrap(epoch_saves(
+                        _progress(node_id, cfg.steps), sampler, o, save, base, cfg.steps))),
                     should_stop=mm.processing_interrupted,
                     on_save=lambda s: save(Path(f"{base}step{s:06d}.safetensors")))
         finally:
@@ -292,7 +297,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                                 train_text_encoder=te is not None)
         write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + epoch_args(o) + "\n")
     new_model, new_clip, _ = apply_adapter(model, clip, str(final), 1.0, 1.0, node="TrainLyCORIS")
-    return new_model, str(final), loss_curve_image(trainer.losses), new_clip, samples.batch()
+    chart = draw_validation(loss_curve_image(trainer.losses), trainer.losses, validation.points)
+    return new_model, str(final), chart, new_clip, samples.batch()
 
 
 class TrainLyCORIS(io.ComfyNode):

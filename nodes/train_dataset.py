@@ -66,6 +66,7 @@ def training_inputs() -> list:
         io.Int.Input("save_every_n_epochs", default=0, min=0, max=100_000, optional=True,
                      tooltip="--save_every_n_epochs: also save (with the resume sidecar) after "
                      "every N epochs (0 = off). Files end in epochNNNNNN."),
+        *validation_input(),
     ]
 
 
@@ -175,3 +176,85 @@ def epoch_args(o: dict) -> str:
         if int(o.get(k) or 0):
             out += f" --{k} {int(o[k])}"
     return out
+
+
+def validation_input() -> list:
+    return [io.Int.Input("validate_every_n_steps", default=0, min=0, max=1_000_000, optional=True,
+                         tooltip="--validate_every_n_steps: the loss on the training set's held-out "
+                         "images (LyCORISDataset validation_split) every N steps, with the same "
+                         "noise and timesteps each time; drawn in red on the loss chart (0 = off).")]
+
+
+class Validation:
+    """The validation loss of a run: the held-out images of the training set, fixed draws
+    (seeded), network in eval mode, no gradients, in a forked random state."""
+
+    DRAWS = 2
+
+    def __init__(self, o: dict, ts, patcher, device, dtype, min_t: int, max_t: int, trained_clip,
+                 network, node_id, total: int, seed: int, batch_size: int):
+        self.every = int(o.get("validate_every_n_steps") or 0)
+        val = getattr(ts, "validation", None)
+        if self.every and val is None:
+            log.warning("TrainLyCORIS: validate_every_n_steps is set but the training set has no "
+                        "held-out images (LyCORISDataset validation_split): no validation")
+            self.every = 0
+        self.objective = DatasetObjective(patcher, val, device, dtype, min_t, max_t,
+                                          trained_clip=trained_clip) if self.every else None
+        self.network, self.node_id, self.total = network, node_id, total
+        self.seed, self.batch_size = seed, batch_size
+        self.points: list[tuple[int, float]] = []
+
+    def loss(self) -> float:
+        n = len(self.objective.x0)
+        was_training = self.network.training
+        self.network.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(self.seed + 1)
+                total, count = 0.0, 0
+                for _ in range(self.DRAWS):
+                    for k in range(0, n, self.batch_size):
+                        idx = list(range(k, min(n, k + self.batch_size)))
+                        total += float(self.objective(idx)) * len(idx)
+                        count += len(idx)
+        finally:
+            self.network.train(was_training)
+        return total / count
+
+    def wrap(self, on_step):
+        if not self.every:
+            return on_step
+
+        def step(n: int, loss: float) -> None:
+            on_step(n, loss)
+            if n % self.every == 0:
+                v = self.loss()
+                self.points.append((n, v))
+                log.info("TrainLyCORIS: validation loss %.5f at step %d", v, n)
+                try:
+                    from server import PromptServer
+                    PromptServer.instance.send_progress_text(
+                        f"step {n}/{self.total}  loss {loss:.5f}  val_loss {v:.5f}", self.node_id)
+                except Exception:  # no server (scripts, tests)
+                    pass
+        return step
+
+
+def draw_validation(image: torch.Tensor, losses: list[float], points: list[tuple[int, float]],
+                    width: int = 640, height: int = 320) -> torch.Tensor:
+    """The loss chart (`loss_curve_image`, same axes) with the validation losses as red marks."""
+    if not points or not losses:
+        return image
+    img = image.clone()
+    m = 24
+    y = [v for v in losses if v == v]
+    lo, hi = min(y), max(y)
+    span = hi - lo if hi > lo else 1.0
+    n = max(len(losses) - 1, 1)
+    for step, v in points:
+        x = int(round(m + 1 + (step - 1) * (width - 2 * m - 2) / n))
+        yy = int(round(height - m - 1 - (v - lo) / span * (height - 2 * m - 2)))
+        yy = min(max(yy, 2), height - 3)
+        img[0, yy - 2: yy + 3, max(x - 2, 0): x + 3] = torch.tensor([0.85, 0.1, 0.1])
+    return img

@@ -262,3 +262,32 @@ def test_samples_appear_at_the_requested_steps(executor, host, kohya_folder):
     bad = executor.run(graph(kohya_folder, steps=2, sample_every_n_steps=1,
                              sample_prompts="ok\nx --w huge", output_name="lycoris/bad"))
     assert not bad.ok and "sample_prompts line 2" in str(bad.execution_error)
+
+
+def test_validation_split_and_loss(executor, host, kohya_folder):
+    """validation_split 0.4 of 5 images holds 2 out (validation_seed picks which); the validation
+    loss is measured every 2 steps with the same draws, drawn in red on the loss chart."""
+    res = run_ok(executor, graph(kohya_folder, {"validation_split": 0.4, "validation_seed": 3},
+                                 steps=4, validate_every_n_steps=2, learning_rate=0.02,
+                                 output_name="lycoris/validated"))
+    ts, report = res.outputs("3")
+    held = ts.validation.names
+    assert len(held) == 2 and len(ts.names) == 3 and not set(held) & set(ts.names)
+    assert sorted(held + ts.names) == ["1_other/w2.png", "2_acc pattern/sq1.png",
+                                       "2_acc pattern/sq2.png", "2_acc pattern/tall.png",
+                                       "2_acc pattern/wide.png"]
+    assert report.splitlines()[0].startswith("validation: 2 image(s) held out")
+    assert ts.validation.flipped is None and ts.validation.caption_options.caption_dropout_rate == 0
+    # the chart: red validation marks at steps 2 and 4, none without validation
+    chart = res.outputs("4")[2][0]
+    red = (chart[..., 0] > 0.8) & (chart[..., 1] < 0.2) & (chart[..., 2] < 0.2)
+    cols = sorted({int(c) for c in red.nonzero()[:, 1]})
+    # x of step s: 25 + (s − 1) · 590 / 3 → step 2 at 222, step 4 at 615 (marks 5 px wide)
+    assert any(218 <= c <= 226 for c in cols) and any(611 <= c <= 619 for c in cols), cols
+    assert all(218 <= c <= 226 or 611 <= c <= 619 for c in cols), cols
+    plain = run_ok(executor, graph(kohya_folder, {"validation_split": 0.4, "validation_seed": 3},
+                                   steps=4, learning_rate=0.02, output_name="lycoris/unvalidated"))
+    chart0 = plain.outputs("4")[2][0]
+    assert not ((chart0[..., 0] > 0.8) & (chart0[..., 1] < 0.2)).any()
+    # validation does not change the training (forked random state)
+    assert read_state(res.outputs("4")[1])[1]["losses"] == read_state(plain.outputs("4")[1])[1]["losses"]

@@ -431,3 +431,16 @@ def describe_bucket_counts(resos: Sequence[tuple[int, int]], repeats: Sequence[i
     return [f"bucket {w}×{h}: {a} image(s), {b} item(s) per epoch"
             for (w, h), (a, b) in sorted(counts.items())]
 
+
+
+def validation_indices(n: int, fraction: float, seed: int) -> list[int]:
+    """The images held out for validation (sd-scripts' validation_split / validation_seed):
+    round(n × fraction) of them, at least 1 when fraction > 0, always leaving one to train on;
+    drawn with their own generator, sorted."""
+    if not (math.isfinite(fraction) and 0.0 <= fraction < 1.0):
+        raise ValueError(f"validation_split must be in [0, 1), got {fraction}")
+    if fraction == 0.0 or n < 2:
+        return []
+    k = min(n - 1, max(1, round(n * fraction)))
+    g = torch.Generator().manual_seed(int(seed))
+    return sorted(torch.randperm(n, generator=g)[:k].tolist())
