@@ -291,3 +291,15 @@ def test_validation_split_and_loss(executor, host, kohya_folder):
     assert not ((chart0[..., 0] > 0.8) & (chart0[..., 1] < 0.2)).any()
     # validation does not change the training (forked random state)
     assert read_state(res.outputs("4")[1])[1]["losses"] == read_state(plain.outputs("4")[1])[1]["losses"]
+
+
+def test_training_set_with_a_trained_clip(executor, host, kohya_folder):
+    """A CLIP on TrainLyCORIS with a training set: the captions (drawn per step) are encoded
+    through it with gradients, so the text encoders train too; the samples use it."""
+    res = run_ok(executor, graph(kohya_folder, steps=2, clip=["1", 1], text_encoder_lr=0.01,
+                                 sample_every_n_steps=2, sample_prompts="a dog --w 64 --h 64 --s 2",
+                                 output_name="lycoris/ds_te"))
+    path = res.outputs("4")[1]
+    te = [m for m in load_adapter(path).modules if m.startswith("lora_te")]
+    assert te and res.outputs("4")[3] is not None
+    assert res.outputs("4")[4].shape[0] == 1
