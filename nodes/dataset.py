@@ -23,6 +23,7 @@ from ..lycoris_core.train.dataset import (
     BucketOptions,
     CaptionOptions,
     DatasetDescription,
+    balance_reg_repeats,
     batches_per_epoch,
     bucket_resolutions,
     crop_box,
@@ -55,6 +56,8 @@ class TrainingSet:
     description: DatasetDescription
     report: list[str] = field(default_factory=list)
     validation: TrainingSet | None = None  # held-out images (validation_split)
+    is_reg: list[bool] | None = None       # per image: a regularisation image (reg_folder)
+    prior_loss_weight: float = 1.0         # the loss weight of regularisation items
 
     @property
     def flip_aug(self) -> bool:
@@ -208,6 +211,13 @@ def _inputs() -> list:
           "TrainLyCORIS's validate_every_n_steps measures the loss on them."),
         Int("validation_seed", default=0, min=0, max=0xFFFFFFFF, optional=True,
             tooltip="validation_seed: which images are held out."),
+        S("reg_folder", default="", optional=True, tooltip="reg_data_dir: a folder inside "
+          "ComfyUI's input directory in kohya's layout (N_name subfolders) with regularisation "
+          "images (is_reg). As in sd-scripts, their items per epoch are balanced to the training "
+          "items: the first ones are used, or their repeats raised in turn. Empty = none."),
+        F("prior_loss_weight", default=1.0, min=0.0, max=100.0, step=0.05, optional=True,
+          tooltip="--prior_loss_weight: the loss of each regularisation item is multiplied by "
+          "this (training items by 1)."),
     ]
 
 
@@ -235,7 +245,8 @@ class LyCORISDataset(io.ComfyNode):
                 max_bucket_reso, bucket_reso_steps, bucket_no_upscale, caption_extension,
                 shuffle_caption, keep_tokens, keep_tokens_separator, caption_separator,
                 caption_dropout_rate, caption_tag_dropout_rate, caption_prefix, caption_suffix,
-                flip_aug, batch_size, validation_split=0.0, validation_seed=0) -> io.NodeOutput:
+                flip_aug, batch_size, validation_split=0.0, validation_seed=0, reg_folder="",
+                prior_loss_weight=1.0) -> io.NodeOutput:
         ext = caption_extension.strip()
         if not ext or len(ext) > 32 or "/" in ext or "\\" in ext:
             raise ValueError(f"caption_extension {caption_extension!r}: give an extension such as .txt")
@@ -247,6 +258,9 @@ class LyCORISDataset(io.ComfyNode):
                               caption_suffix)
         ts = build_training_set(folder, vae, clip, buckets, caps, flip_aug, batch_size)
         ts = split_validation(ts, validation_split, validation_seed)
+        if (reg_folder or "").strip():
+            reg = build_training_set(reg_folder, vae, clip, buckets, caps, flip_aug, batch_size)
+            ts = add_regularisation(ts, reg, prior_loss_weight)
         return io.NodeOutput(ts, "\n".join(ts.report))
 
 
@@ -270,7 +284,40 @@ def split_validation(ts: TrainingSet, fraction: float, seed: int) -> TrainingSet
                     [ts.flipped[i] for i in keep], validation=val)
     train.report = [f"validation: {len(held)} image(s) held out ({', '.join(val.names)}); "
                     f"{len(keep)} trained on, {sum(train.repeats)} item(s) per epoch", *ts.report]
+    train.description = replace(ts.description, validation_split=float(fraction),
+                                validation_seed=int(seed))
     return train
+
+
+def add_regularisation(ts: TrainingSet, reg: TrainingSet, prior_loss_weight: float) -> TrainingSet:
+    """`ts` with the regularisation images of `reg` appended (is_reg), their repeats balanced to
+    the training items as sd-scripts does (`balance_reg_repeats`); unused ones are left out."""
+    w = float(prior_loss_weight)
+    if not (0.0 <= w <= 100.0):  # also rejects NaN
+        raise ValueError(f"prior_loss_weight must be in [0, 100], got {prior_loss_weight}")
+    train_items = sum(ts.repeats)
+    reps = balance_reg_repeats(train_items, reg.repeats)
+    use = [i for i, r in enumerate(reps) if r > 0]
+    flipped = None if ts.flipped is None else ts.flipped + [reg.flipped[i] for i in use]
+    reg_subsets = [replace(s, is_reg=True) for s in reg.description.subsets]
+    desc = replace(ts.description, subsets=ts.description.subsets + reg_subsets,
+                   reg_dir=reg.description.image_dir)
+    out = replace(ts, names=ts.names + [f"reg:{reg.names[i]}" for i in use],
+                  latents=ts.latents + [reg.latents[i] for i in use], flipped=flipped,
+                  captions=ts.captions + [reg.captions[i] for i in use],
+                  repeats=ts.repeats + [reps[i] for i in use],
+                  buckets=ts.buckets + [reg.buckets[i] for i in use],
+                  is_reg=[False] * len(ts.names) + [True] * len(use),
+                  prior_loss_weight=w, description=desc)
+    reg_items = sum(reps)
+    out.report = [f"regularisation: {len(use)} of {len(reg.names)} image(s) used, {reg_items} "
+                  f"item(s) per epoch against {train_items} training item(s) (prior_loss_weight "
+                  f"{w:g}); {sum(out.repeats)} item(s), {out.batches_per_epoch(ts.description.batch_size)}"
+                  f" batch(es) of {ts.description.batch_size} per epoch",
+                  *ts.report, *(f"reg: {line}" for line in reg.report)]
+    for line in out.report[:1]:
+        log.info("LyCORISDataset: %s", line)
+    return out
 
 
 DATASET_NODES = [LyCORISDataset]

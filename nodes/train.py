@@ -45,6 +45,7 @@ from .train_dataset import (
     epoch_saves,
     extra_inputs,
     save_path,
+    step_saves,
 )
 from .train_ops import differentiable_ops
 from .train_samples import TrainingSamples, sample_inputs
@@ -278,7 +279,7 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                     on_step=validation.wrap(samples.wrap(epoch_saves(
                         _progress(node_id, cfg.steps), sampler, o, save, base, cfg.steps))),
                     should_stop=mm.processing_interrupted,
-                    on_save=lambda s: save(Path(f"{base}step{s:06d}.safetensors")))
+                    on_save=step_saves(save, base, o, cfg.save_every))
         finally:
             net.detach()
         final = Path(f"{base}.safetensors") if finished else Path(f"{base}step{trainer.step:06d}.safetensors")

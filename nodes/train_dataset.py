@@ -14,8 +14,10 @@ import torch
 from comfy_api.latest import io
 
 from ..lycoris_core.paths import safe_output_path
+from ..lycoris_core.train.checkpoint import state_path
 from ..lycoris_core.train.dataset import EpochSampler, process_caption, steps_for_epochs
 from ..lycoris_core.train.loop import TrainConfig
+from ..lycoris_core.train.saves import step_to_remove
 from .dataset import TrainingSetType
 from .train_data import Objective, encode_tokens
 
@@ -66,6 +68,10 @@ def training_inputs() -> list:
         io.Int.Input("save_every_n_epochs", default=0, min=0, max=100_000, optional=True,
                      tooltip="--save_every_n_epochs: also save (with the resume sidecar) after "
                      "every N epochs (0 = off). Files end in epochNNNNNN."),
+        io.Int.Input("save_last_n_steps", default=0, min=0, max=100_000_000, optional=True,
+                     tooltip="--save_last_n_steps: with save_every_n_steps, keep only the saves "
+                     "of the last N steps; older step files (and their .train_state sidecars) "
+                     "written by this run are removed (0 = keep all)."),
         *validation_input(),
     ]
 
@@ -106,6 +112,26 @@ def epoch_saves(on_step: Callable[[int, float], None], sampler, o: dict,
             if epoch % every == 0 and n < total:
                 save(Path(f"{base}epoch{epoch:06d}.safetensors"))
     return step
+
+
+def step_saves(save: Callable[[Path], None], base: Path, o: dict,
+               every: int) -> Callable[[int], None]:
+    """`on_save(step)`: save `<base>stepNNNNNN.safetensors`; with save_last_n_steps, then remove
+    the save sd-scripts would remove (`step_to_remove`), only if this run wrote it."""
+    last_n = int(o.get("save_last_n_steps") or 0)
+    written: dict[int, Path] = {}
+
+    def on_save(step: int) -> None:
+        path = Path(f"{base}step{step:06d}.safetensors")
+        save(path)
+        written[step] = path
+        old = step_to_remove(step, last_n, every)
+        if old is not None and old != step and old in written:
+            gone = written.pop(old)
+            for p in (gone, state_path(gone)):
+                p.unlink(missing_ok=True)
+            log.info("TrainLyCORIS: save_last_n_steps %d: removed %s", last_n, gone.name)
+    return on_save
 
 
 def caption_models(ts, trained_clip) -> list:
@@ -163,8 +189,17 @@ class DatasetObjective(Objective):
             drawn.append((i, flip, process_caption(self.ts.captions[i], opts)))
         self.drawn = drawn
         self.x0 = [(self.mirrored if f else self.plain)[i] for i, f, _ in drawn]
+        reg = getattr(self.ts, "is_reg", None)
         try:
-            return super().__call__(list(range(len(drawn))))
+            if not reg or not any(reg[i] for i in idx):
+                return super().__call__(list(range(len(drawn))))
+            # sd-scripts: each item's loss × (prior_loss_weight if is_reg else 1), batch mean
+            plain = [p for p, i in enumerate(idx) if not reg[i]]
+            regs = [p for p, i in enumerate(idx) if reg[i]]
+            total = self.ts.prior_loss_weight * super().__call__(regs) * (len(regs) / len(idx))
+            if plain:
+                total = super().__call__(plain) * (len(plain) / len(idx)) + total
+            return total
         finally:
             self.x0 = self.plain
 
@@ -172,9 +207,12 @@ class DatasetObjective(Objective):
 def epoch_args(o: dict) -> str:
     """sd-scripts flags for the epoch options (appended to the written command line)."""
     out = ""
-    for k in ("max_train_epochs", "save_every_n_epochs"):
+    for k in ("max_train_epochs", "save_every_n_epochs", "save_last_n_steps"):
         if int(o.get(k) or 0):
             out += f" --{k} {int(o[k])}"
+    ts = o.get("training_set")
+    if ts is not None and getattr(ts, "is_reg", None):
+        out += f" --prior_loss_weight {float(ts.prior_loss_weight)!r}"
     return out
 
 

@@ -269,8 +269,19 @@ def test_validation_split_and_loss(executor, host, kohya_folder):
     loss is measured every 2 steps with the same draws, drawn in red on the loss chart."""
     res = run_ok(executor, graph(kohya_folder, {"validation_split": 0.4, "validation_seed": 3},
                                  steps=4, validate_every_n_steps=2, learning_rate=0.02,
-                                 output_name="lycoris/validated"))
+                                 output_name="lycoris/validated", write_sdscripts_config=True))
     ts, report = res.outputs("3")
+    import tomllib
+
+    from lycoris_core.train.sdscripts import description_from_toml
+
+    path = Path(res.outputs("4")[1])
+    doc = tomllib.loads(path.with_name(path.name[: -len(".safetensors")] + ".dataset.toml")
+                        .read_text(encoding="utf-8"))
+    assert doc["datasets"][0]["validation_split"] == 0.4 and doc["datasets"][0]["validation_seed"] == 3
+    back = description_from_toml(doc)   # the export round-trips the split
+    assert (back.validation_split, back.validation_seed) == (0.4, 3)
+    assert [s.folder for s in back.subsets] == ["1_other", "2_acc pattern"] and not back.reg_dir
     held = ts.validation.names
     assert len(held) == 2 and len(ts.names) == 3 and not set(held) & set(ts.names)
     assert sorted(held + ts.names) == ["1_other/w2.png", "2_acc pattern/sq1.png",
@@ -303,3 +314,123 @@ def test_training_set_with_a_trained_clip(executor, host, kohya_folder):
     te = [m for m in load_adapter(path).modules if m.startswith("lora_te")]
     assert te and res.outputs("4")[3] is not None
     assert res.outputs("4")[4].shape[0] == 1
+
+
+@pytest.fixture(scope="module")
+def reg_folders(host) -> tuple[str, str]:
+    """input/acc_reg_few: `1_person` with 3 images (3 reg items < 9 training items);
+    input/acc_reg_many: `5_person` with 3 images (15 reg items > 9)."""
+    names = []
+    for name, sub in (("acc_reg_few", "1_person"), ("acc_reg_many", "5_person")):
+        d = host.base_dir / "input" / name / sub
+        d.mkdir(parents=True, exist_ok=True)
+        for k in range(3):
+            (d / f"r{k}.png").write_bytes(_png(64, 64, 20 + k))
+        names.append(name)
+    return names[0], names[1]
+
+
+def test_regularisation_images_balanced_and_weighted(executor, host, kohya_folder, reg_folders,
+                                                     monkeypatch):
+    """reg_folder as sd-scripts' reg_data_dir: reg items per epoch balanced to the 9 training
+    items (fewer: repeats raised in turn; more: the first images only), is_reg subsets and
+    --prior_loss_weight in the export, and each item's loss × prior_loss_weight if is_reg."""
+    import comfy.model_management as mm
+    import comfy_host
+    import tomllib
+
+    few, many = reg_folders
+    plain = {"shuffle_caption": False, "caption_dropout_rate": 0.0, "caption_tag_dropout_rate": 0.0,
+             "flip_aug": False}
+    res = run_ok(executor, graph(kohya_folder, {**plain, "reg_folder": few, "prior_loss_weight": 0.5},
+                                 steps=1, output_name="lycoris/ds_reg", write_sdscripts_config=True))
+    ts, report = res.outputs("3")
+    # 9 training items (see test_kohya_folder_buckets_repeats_epochs); 3 reg images × 1 = 3 < 9:
+    # all registered, then +1 each in turn → 3 + 6 = 9 → repeats [3, 3, 3]
+    assert ts.names[5:] == ["reg:1_person/r0.png", "reg:1_person/r1.png", "reg:1_person/r2.png"]
+    assert ts.repeats == [1, 2, 2, 2, 2, 3, 3, 3] and ts.is_reg == [False] * 5 + [True] * 3
+    assert sum(ts.repeats) == 18 and ts.prior_loss_weight == 0.5
+    # 64×64: 4 + 9 = 13 items → 7 batches of 2; 48×80: 1; 80×48: 2 → 10 batches per epoch
+    assert ts.batches_per_epoch(2) == 10
+    assert report.splitlines()[0].startswith(
+        "regularisation: 3 of 3 image(s) used, 9 item(s) per epoch against 9 training item(s)")
+    path = Path(res.outputs("4")[1])
+    stem = path.name[: -len(".safetensors")]
+    doc = tomllib.loads((path.parent / f"{stem}.dataset.toml").read_text(encoding="utf-8"))
+    subs = doc["datasets"][0]["subsets"]
+    assert [(Path(s["image_dir"]).name, s["num_repeats"], s.get("is_reg", False)) for s in subs] == [
+        ("1_other", 1, False), ("2_acc pattern", 2, False), ("1_person", 1, True)]
+    assert Path(subs[2]["image_dir"]).parent == host.base_dir / "input" / few
+    assert "--prior_loss_weight 0.5" in (path.parent / f"{stem}.sdscripts.sh").read_text()
+
+    # 3 reg images × 5 = 15 > 9: r0 (5), r1 (5 → 10 ≥ 9) used, r2 unused
+    res2 = run_ok(executor, {k: v for k, v in graph(kohya_folder, {**plain, "reg_folder": many}).items()
+                             if k in ("1", "2", "3")}
+                  | {"5": {"class_type": "LycorisTestSink", "inputs": {"text": ["3", 1]}}})
+    ts2 = res2.outputs("3")[0]
+    assert ts2.names[5:] == ["reg:5_person/r0.png", "reg:5_person/r1.png"]
+    assert ts2.repeats[5:] == [5, 5] and sum(ts2.repeats) == 19
+
+    # the loss: (Σ train losses + w × Σ reg losses) / batch, from the parts actually computed
+    tr = sys.modules[comfy_host.PACK_MODULE + ".nodes.train_dataset"]
+    td = sys.modules[comfy_host.PACK_MODULE + ".nodes.train_data"]
+    model = res.outputs("1")[0]
+    mm.load_models_gpu([model, ts.clip.patcher], force_full_load=True)
+    parts: list[tuple[int, float]] = []
+    inner = td.Objective.__call__
+
+    def spy(self, idx):
+        out = inner(self, idx)
+        parts.append((len(idx), float(out.detach())))
+        return out
+    monkeypatch.setattr(td.Objective, "__call__", spy)
+    param = next(p for p in model.model.diffusion_model.parameters() if p.dim() > 1)
+    was = param.requires_grad
+    try:
+        with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            for w in (0.5, 0.0, 2.0):
+                ts.prior_loss_weight = w
+                ob = tr.DatasetObjective(model, ts, torch.device("cpu"), torch.float32, 0, 1000)
+                torch.manual_seed(3)
+                parts.clear()
+                loss = float(ob([1, 5, 2, 6]))            # 2 train (64×64) + 2 reg items
+                assert len(parts) == 2                      # reg part, train part
+                (n_reg, l_reg), (n_train, l_train) = parts
+                assert n_reg == n_train == 2 and l_reg > 0 and l_train > 0
+                assert loss == pytest.approx((2 * l_train + w * 2 * l_reg) / 4, rel=1e-6)
+            # prior_loss_weight 0: a reg-only batch gives a zero loss and no gradient
+            param.requires_grad_(True)
+            for w, zero in ((0.0, True), (1.0, False)):
+                ts.prior_loss_weight = w
+                ob = tr.DatasetObjective(model, ts, torch.device("cpu"), torch.float32, 0, 1000)
+                param.grad = None
+                torch.manual_seed(4)
+                loss = ob([5, 6, 7])
+                loss.backward()
+                g = param.grad.abs().max().item() if param.grad is not None else 0.0
+                assert (float(loss) == 0.0 and g == 0.0) if zero else (float(loss) > 0 and g > 0)
+    finally:
+        param.requires_grad_(was)
+        param.grad = None
+        ts.prior_loss_weight = 0.5
+
+
+def test_save_last_n_steps_removes_only_this_runs_old_saves(executor, host, kohya_folder):
+    """save_every_n_steps 2, save_last_n_steps 3 over 9 steps: saves at 2, 4, 6, 8; sd-scripts'
+    rule removes step 2's at step 6 and step 4's at step 8 (with their sidecars). Files this
+    run did not write, even with a matching name, stay."""
+    folder = host.base_dir / "models" / "loras" / "lycoris"
+    folder.mkdir(parents=True, exist_ok=True)
+    decoy = folder / "lastn_step000002.safetensors"  # same name, no run counter
+    decoy.write_bytes(b"not ours")
+    res = run_ok(executor, graph(kohya_folder, steps=9, save_every_n_steps=2, save_last_n_steps=3,
+                                 save_to="loras", output_name="lycoris/lastn",
+                                 write_sdscripts_config=True))
+    path = Path(res.outputs("4")[1])
+    stem = path.name[: -len(".safetensors")]
+    left = sorted(p.name[len(stem):] for p in path.parent.glob(f"{stem}step*"))
+    assert left == ["step000006.safetensors", "step000006.train_state.safetensors",
+                    "step000008.safetensors", "step000008.train_state.safetensors"]
+    assert path.is_file() and read_state(path)[1]["step"] == 9
+    assert decoy.read_bytes() == b"not ours"
+    assert "--save_last_n_steps 3" in (path.parent / f"{stem}.sdscripts.sh").read_text()

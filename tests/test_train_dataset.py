@@ -13,6 +13,7 @@ from lycoris_core.train.dataset import (
     BucketOptions,
     CaptionOptions,
     EpochSampler,
+    balance_reg_repeats,
     batches_per_epoch,
     bucket_resolutions,
     crop_box,
@@ -205,7 +206,9 @@ def test_sdscripts_dataset_toml_round_trips():
          SubsetInfo("10_é_ü", 10, "é_ü", 1)],
         BucketOptions((768, 512), True, 320, 1536, 32, True),
         CaptionOptions(".caption", True, 2, "|||", ";", 0.05, 0.1, "pre, fix", "suf\"fix"),
-        flip_aug=True, batch_size=3)
+        flip_aug=True, batch_size=3, reg_dir="/data/reg", validation_split=0.25,
+        validation_seed=7)
+    desc.subsets.append(SubsetInfo("1_person", 1, "person", 5, is_reg=True))
     text = dataset_config_toml(desc)
     doc = tomllib.loads(text)
     ds = doc["datasets"][0]
@@ -214,15 +217,35 @@ def test_sdscripts_dataset_toml_round_trips():
     assert [(s["image_dir"], s["num_repeats"], s["class_tokens"]) for s in ds["subsets"]] == [
         ("/data/acc \"train\"\\x/1_other", 1, "other"),
         ("/data/acc \"train\"\\x/2_acc pattern", 2, "acc pattern"),
-        ("/data/acc \"train\"\\x/10_é_ü", 10, "é_ü")]
+        ("/data/acc \"train\"\\x/10_é_ü", 10, "é_ü"), ("/data/reg/1_person", 1, "person")]
+    assert [s.get("is_reg", False) for s in ds["subsets"]] == [False, False, False, True]
+    assert ds["validation_split"] == 0.25 and ds["validation_seed"] == 7
     assert all(s["keep_tokens_separator"] == "|||" and s["caption_dropout_rate"] == 0.05
                for s in ds["subsets"])
     back = description_from_toml(doc)
     expected = dataclasses.replace(desc, subsets=[dataclasses.replace(s, images=0)
                                                   for s in desc.subsets])
     assert back == expected
-    square = dataset_config_toml(dataclasses.replace(desc, buckets=BucketOptions((1024, 1024))))
-    assert tomllib.loads(square)["datasets"][0]["resolution"] == 1024
+    square = dataset_config_toml(dataclasses.replace(desc, buckets=BucketOptions((1024, 1024)),
+                                                     validation_split=0.0))
+    square_ds = tomllib.loads(square)["datasets"][0]
+    assert square_ds["resolution"] == 1024 and "validation_split" not in square_ds
+
+
+def test_regularisation_items_balanced_as_sd_scripts():
+    # fewer reg items than training items: all registered, then +1 each in turn until equal
+    assert balance_reg_repeats(10, [1, 1, 1]) == [4, 3, 3]           # 3 → 10: +1 ×7 in turn
+    assert balance_reg_repeats(9, [2, 1]) == [5, 4]                   # 3, then +1 ×6
+    assert balance_reg_repeats(6, [3, 3]) == [3, 3]                   # already equal
+    # more reg items than training items: the first ones until the count is reached, the
+    # one that crosses it keeps all its repeats (sd-scripts overshoots), the rest unused
+    assert balance_reg_repeats(5, [2, 2, 2, 2]) == [2, 2, 2, 0]      # 2+2+2 = 6 ≥ 5
+    assert balance_reg_repeats(4, [1] * 6) == [1, 1, 1, 1, 0, 0]
+    assert balance_reg_repeats(0, [1, 1]) == [0, 0] and balance_reg_repeats(3, []) == []
+    for train, reg in [(10, [1, 1, 1]), (9, [2, 1]), (17, [3, 1, 2])]:
+        assert sum(balance_reg_repeats(train, reg)) == train        # short: exactly balanced
+    with pytest.raises(ValueError):
+        balance_reg_repeats(3, [0, 1])
 
 
 def test_sample_prompts_in_sdscripts_format():
@@ -236,3 +259,14 @@ def test_sample_prompts_in_sdscripts_format():
         with pytest.raises(ValueError, match=msg):
             parse_sample_prompts(bad)
     assert sample_steps(2, 5) == [2, 4] and sample_steps(0, 5) == [] and sample_steps(3, 9, 3) == [6, 9]
+
+
+def test_save_last_n_steps_rule():
+    from lycoris_core.train.saves import step_to_remove
+
+    # sd-scripts' example: every 10, last 30 → at step 50 the save of step 10 goes
+    assert step_to_remove(50, 30, 10) == 10 and step_to_remove(40, 30, 10) == 0  # never saved
+    assert step_to_remove(30, 30, 10) is None
+    assert [step_to_remove(s, 3, 2) for s in (2, 4, 6, 8)] == [None, 0, 2, 4]
+    assert [step_to_remove(s, 5, 3) for s in (3, 6, 9, 12)] == [None, 0, 3, 6]
+    assert step_to_remove(50, 0, 10) is None and step_to_remove(50, 30, 0) is None

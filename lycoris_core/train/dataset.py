@@ -123,6 +123,7 @@ class SubsetInfo:
     num_repeats: int
     class_tokens: str
     images: int = 0
+    is_reg: bool = False  # a regularisation subset (sd-scripts' reg_data_dir / is_reg)
 
 
 @dataclass
@@ -414,6 +415,9 @@ class DatasetDescription:
     captions: CaptionOptions
     flip_aug: bool = False
     batch_size: int = 1
+    reg_dir: str = ""               # root of the regularisation subsets (is_reg), if any
+    validation_split: float = 0.0   # sd-scripts' dataset options validation_split / _seed
+    validation_seed: int = 0
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -444,3 +448,31 @@ def validation_indices(n: int, fraction: float, seed: int) -> list[int]:
     k = min(n - 1, max(1, round(n * fraction)))
     g = torch.Generator().manual_seed(int(seed))
     return sorted(torch.randperm(n, generator=g)[:k].tolist())
+
+
+def balance_reg_repeats(train_items: int, reg_repeats: Sequence[int]) -> list[int]:
+    """Repeats per epoch of each regularisation image, as sd-scripts' DreamBoothDataset
+    balances them against the `train_items` (Σ images × num_repeats of the training subsets).
+
+    In order, each reg image is registered with its own num_repeats until the reg items reach
+    `train_items` (the rest get 0: unused); if all are registered and still short, one more
+    repeat is given to each image in turn until the counts are equal. Without training items
+    nothing is registered (all 0), as in sd-scripts."""
+    out = [0] * len(reg_repeats)
+    if not reg_repeats or train_items <= 0:
+        return out
+    if any(int(r) < 1 for r in reg_repeats):
+        raise ValueError("every regularisation image needs num_repeats ≥ 1")
+    n = 0
+    for i, r in enumerate(reg_repeats):       # first pass: register with the folder's repeats
+        out[i] = int(r)
+        n += int(r)
+        if n >= train_items:
+            return out
+    while n < train_items:                    # later passes: +1 per image in turn
+        for i in range(len(out)):
+            out[i] += 1
+            n += 1
+            if n >= train_items:
+                break
+    return out

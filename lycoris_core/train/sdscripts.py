@@ -135,11 +135,17 @@ def dataset_config_toml(desc: DatasetDescription, batch_size: int | None = None)
              f"resolution = {_toml_value(w if w == h else [w, h])}",
              f"batch_size = {int(batch_size or desc.batch_size)}"]
     lines += [f"{k} = {_toml_value(getattr(b, k))}" for k in BUCKET_KEYS]
+    if desc.validation_split > 0:
+        lines += [f"validation_split = {_toml_value(float(desc.validation_split))}",
+                  f"validation_seed = {int(desc.validation_seed)}"]
     for s in desc.subsets:
+        root = desc.reg_dir if s.is_reg else desc.image_dir
         lines += ["", "  [[datasets.subsets]]",
-                  f"  image_dir = {_toml_str(str(Path(desc.image_dir) / s.folder))}",
+                  f"  image_dir = {_toml_str(str(Path(root) / s.folder))}",
                   f"  num_repeats = {int(s.num_repeats)}",
                   f"  class_tokens = {_toml_str(s.class_tokens)}"]
+        if s.is_reg:
+            lines.append("  is_reg = true")
         lines += [f"  {k} = {_toml_value(getattr(c, k))}" for k in SUBSET_KEYS]
     return "\n".join(lines) + "\n"
 
@@ -155,8 +161,15 @@ def description_from_toml(doc: dict) -> DatasetDescription:
     subs = ds.get("subsets", [])
     captions = CaptionOptions(**{k: subs[0][k] for k in SUBSET_KEYS if subs and k in subs[0]})
     dirs = [Path(s["image_dir"]) for s in subs]
-    root = str(dirs[0].parent) if dirs else ""
-    subsets = [SubsetInfo(d.name, int(s.get("num_repeats", 1)), s.get("class_tokens", ""))
+    train_dirs = [d for d, s in zip(dirs, subs, strict=True) if not s.get("is_reg", False)]
+    reg_dirs = [d for d, s in zip(dirs, subs, strict=True) if s.get("is_reg", False)]
+    root = str(train_dirs[0].parent) if train_dirs else ""
+    reg_root = str(reg_dirs[0].parent) if reg_dirs else ""
+    subsets = [SubsetInfo(d.name, int(s.get("num_repeats", 1)), s.get("class_tokens", ""),
+                          is_reg=bool(s.get("is_reg", False)))
                for d, s in zip(dirs, subs, strict=True)]
     flip = doc.get("general", {}).get("flip_aug", subs[0].get("flip_aug", False) if subs else False)
-    return DatasetDescription(root, subsets, buckets, captions, bool(flip), int(ds.get("batch_size", 1)))
+    return DatasetDescription(root, subsets, buckets, captions, bool(flip), int(ds.get("batch_size", 1)),
+                              reg_dir=reg_root,
+                              validation_split=float(ds.get("validation_split", 0.0)),
+                              validation_seed=int(ds.get("validation_seed", 0)))
