@@ -55,15 +55,27 @@ def _extra_values(name: str, spec: list) -> int:
     return 1 if opts.get("image_upload") else 0
 
 
+MUTED = 2                            # LiteGraph mode NEVER: the frontend does not queue it
+NOTES = ("Note", "MarkdownNote")     # frontend-only nodes
+
+
 def ui_to_api(workflow: dict, node_classes: dict, fill_defaults: bool = False) -> dict:
     """API prompt {id: {class_type, inputs}} of a UI workflow; raises ValueError if it is stale
     (with `fill_defaults`, missing trailing widget values take the widgets' defaults)."""
     links = {link[0]: link for link in workflow.get("links", [])}
     prompt: dict[str, dict] = {}
+    # as the frontend queues: muted nodes (mode 2) and notes are left out of the prompt
+    skipped = {n["id"] for n in workflow["nodes"] if n.get("mode", 0) == MUTED or n["type"] in NOTES}
     for node in workflow["nodes"]:
         kind, nid = node["type"], node["id"]
+        if nid in skipped:
+            continue
         if node.get("mode", 0) != 0:
-            raise ValueError(f"node {nid} ({kind}) is muted or bypassed: not supported here")
+            raise ValueError(f"node {nid} ({kind}) is bypassed: not supported here")
+        fed = [i["name"] for i in node.get("inputs", []) if i.get("link") is not None
+               and links[i["link"]][1] in skipped]
+        if fed:
+            raise ValueError(f"node {nid} ({kind}): inputs {fed} come from a muted node")
         if kind not in node_classes:
             raise ValueError(f"node {nid}: unknown node type {kind}")
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
