@@ -48,6 +48,7 @@ BENCHES: dict[str, str] = {
     "bypass": "bench.bench_bypass",
     "hardening": "bench.bench_hardening",
     "effectmap": "bench.bench_effectmap",
+    "dataset": "bench.bench_dataset",
 }
 ON_CURRENT_COMFYUI = {"bypass"}
 """Benches that need current ComfyUI (core's bypass adapters): run with the second host's Python

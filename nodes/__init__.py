@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack, one module per capability. `NODES` is what the extension registers."""
 
 from .convert import CONVERT_NODES
+from .dataset import DATASET_NODES
 from .effect_map import EFFECT_MAP_NODES
 from .guard import guard_nodes
 from .loaders import LOADER_NODES
@@ -15,6 +16,7 @@ NODES += CONVERT_NODES
 NODES += MERGE_NODES
 NODES += SCHEDULE_NODES
 NODES += TRAIN_NODES
+NODES += DATASET_NODES
 NODES += EFFECT_MAP_NODES
 
 guard_nodes(NODES)  # every float input finite and in its declared range (nodes/guard.py)

@@ -19,7 +19,7 @@ from comfy_api.latest import io
 from ..lycoris_core.keymap import detect_architecture
 from ..lycoris_core.paths import is_within
 from ..lycoris_core.train import checkpoint as ckpt
-from ..lycoris_core.train.loop import SCHEDULERS, TrainConfig, Trainer
+from ..lycoris_core.train.loop import SCHEDULERS, TrainConfig, Trainer, nan_hint
 from ..lycoris_core.train.network import LycorisNetwork, NetworkConfig
 from ..lycoris_core.train.objective import (
     gradient_checkpointing,
@@ -27,13 +27,29 @@ from ..lycoris_core.train.objective import (
     release_inference_tensors,
 )
 from ..lycoris_core.train.optimizers import available_optimizers
-from ..lycoris_core.train.sdscripts import dataset_toml, sdscripts_command, write_text
+from ..lycoris_core.train.sdscripts import (
+    dataset_config_toml,
+    dataset_toml,
+    sdscripts_command,
+    write_text,
+)
 from ..lycoris_core.train.targets import TargetOptions, parse_kv, parse_pattern_list
-from .outputs import output_file
 from .patching import apply_adapter
 from .train_data import CaptionEncoder, training_items
+from .train_dataset import (
+    Validation,
+    caption_models,
+    draw_validation,
+    epoch_args,
+    epoch_plan,
+    epoch_saves,
+    extra_inputs,
+    save_path,
+    step_saves,
+)
 from .train_ops import differentiable_ops
 from .train_options import TRAIN_OPTION_NODES, make_objective, prepare_patcher, training_options_input
+from .train_samples import TrainingSamples, sample_inputs
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -44,8 +60,9 @@ def _inputs() -> list:
     Int, F, B, S, C = io.Int.Input, io.Float.Input, io.Boolean.Input, io.String.Input, io.Combo.Input
     return [
         io.Model.Input("model", tooltip="The diffusion model to train on (SDXL or Anima / Cosmos DiT)."),
-        io.Latent.Input("latents", tooltip="Training latents (one or more LATENT batches; every "
-                        "image is one training item)."),
+        io.Latent.Input("latents", optional=True, tooltip="Training latents (one or more LATENT "
+                        "batches; every image is one training item). Not needed with a "
+                        "training_set."),
         io.Conditioning.Input("positive", optional=True, tooltip="The conditioning of each "
                               "training item, in the same order as the latents (one conditioning "
                               "is used for all). Not needed when a CLIP and captions are given."),
@@ -118,13 +135,15 @@ def _inputs() -> list:
           "block activations in the backward pass (less memory, slower)."),
         Int("save_every_n_steps", default=0, min=0, max=1_000_000, tooltip="--save_every_n_steps "
           "(0 = only at the end). Each save also writes a .train_state sidecar for resuming."),
-        S("output_name", default="lycoris/TrainLyCORIS", tooltip="File name prefix inside "
-          "ComfyUI's output folder."),
+        S("output_name", default="lycoris/TrainLyCORIS", tooltip="File name prefix inside the "
+          "save_to folder (loras or output)."),
         S("resume_from", default="", tooltip="A file this node saved (path, or name in the output "
           "or loras folder). With its .train_state sidecar, training continues exactly; without, "
           "it starts from its weights."),
         B("write_sdscripts_config", default=False, tooltip="Also write the equivalent "
           "sd-scripts command line (.sdscripts.sh) and dataset TOML for multi-GPU training."),
+        *extra_inputs(),
+        *sample_inputs(),
         training_options_input(),
     ]
 
@@ -191,17 +210,21 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
           captions: list[str] | None = None):
     """Run the training described by the node options `o`.
 
-    Returns (model, path, loss image, clip); the clip is None when none was given.
+    Returns (model, path, loss image, clip, samples); the clip is None when none was given,
+    the samples an IMAGE batch (of 0 images when none was made).
     """
     if o["min_timestep"] >= o["max_timestep"]:
         raise ValueError("min_timestep must be smaller than max_timestep")
-    lat, conds, texts = training_items(latents, positive, clip, captions)
+    ts = o.get("training_set")
+    lat, conds, texts = training_items(latents, positive, clip, captions) if ts is None else \
+        (ts.latents, None, None)
     net_cfg, cfg = _network_config(o), _train_config(o)
     topts = o.get("training_options")  # LyCORISTrainingOptions, or None: the plain objective
     if topts is not None:
         cfg = topts.train_config(cfg)
+    sampler, cfg = epoch_plan(o, ts, lat, cfg)
     resume_path = _resolve_resume(o["resume_from"])
-    out_file = output_file(o["output_name"])  # <output>/<name>_NNNNN_.safetensors, never outside
+    out_file = save_path(o)  # <loras or output>/<name>_NNNNN_.safetensors, never outside
     filename = out_file.name[: -len(".safetensors")].rstrip("_").rsplit("_", 1)[0]
     base = out_file.with_suffix("")
     save_dtype = DTYPES[o["save_precision"]]
@@ -209,7 +232,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
     patcher = model.clone()
     prepare_patcher(patcher, topts)
     te = clip.clone() if clip is not None else None
-    mm.load_models_gpu([patcher] + ([te.patcher] if te else []), memory_required=1e20,
+    mm.load_models_gpu([patcher] + ([te.patcher] if te else []) + caption_models(ts, te),
+                       memory_required=1e20,
                        force_full_load=True)
     dm = patcher.model.diffusion_model
     arch = detect_architecture(k for k, _ in patcher.model.named_parameters())
@@ -228,11 +252,19 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
             release_inference_tensors(m)
             m.requires_grad_(False)
         named = named_layers()
-        encoder = CaptionEncoder(te, texts) if te is not None else None
+        encoder = CaptionEncoder(te, texts) if te is not None and ts is None else None
         objective = make_objective(topts, patcher, lat, conds, mm.get_torch_device(),
                                    DTYPES[o["training_dtype"]], o["min_timestep"], o["max_timestep"],
-                                   encoder=encoder, latents=latents)
+                                   encoder=encoder, latents=latents, training_set=ts, trained_clip=te)
         trainer = Trainer(net, cfg, objective, len(lat))
+        trainer.sampler = sampler
+        samples = TrainingSamples(o, patcher, te if te is not None else getattr(ts, "clip", None),
+                                  o.get("vae") or getattr(ts, "vae", None), net, node_id,
+                                  cfg.steps, cfg.seed)
+        validation = Validation(o, ts, patcher, mm.get_torch_device(), DTYPES[o["training_dtype"]],
+                                o["min_timestep"], o["max_timestep"], te, net, node_id, cfg.steps,
+                                cfg.seed, cfg.batch_size)
+        trainer.nan_hint = nan_hint(DTYPES[o["training_dtype"]])
         if resume_path is not None:
             exact = ckpt.resume(trainer, resume_path)
             log.info("TrainLyCORIS: resumed from %s at step %d (%s)", resume_path, trainer.step,
@@ -248,8 +280,10 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         try:
             with differentiable_ops(), gradient_checkpointing(_blocks(dm), o["gradient_checkpointing"]):
                 finished = trainer.run(
-                    on_step=_progress(node_id, cfg.steps), should_stop=mm.processing_interrupted,
-                    on_save=lambda s: save(Path(f"{base}step{s:06d}.safetensors")))
+                    on_step=validation.wrap(samples.wrap(epoch_saves(
+                        _progress(node_id, cfg.steps), sampler, o, save, base, cfg.steps))),
+                    should_stop=mm.processing_interrupted,
+                    on_save=step_saves(save, base, o, cfg.save_every))
         finally:
             net.detach()
         final = Path(f"{base}.safetensors") if finished else Path(f"{base}step{trainer.step:06d}.safetensors")
@@ -259,7 +293,8 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
         log.warning("TrainLyCORIS: cancelled at step %d; saved %s", trainer.step, final)
         mm.throw_exception_if_processing_interrupted()
     if o["write_sdscripts_config"]:
-        toml = write_text(f"{base}.dataset.toml", dataset_toml(batch_size=cfg.batch_size))
+        toml = write_text(f"{base}.dataset.toml", dataset_toml(batch_size=cfg.batch_size)
+                          if ts is None else dataset_config_toml(ts.description, cfg.batch_size))
         cmd = sdscripts_command(arch, net_cfg, cfg, output_name=filename, dataset_toml=str(toml),
                                 training_dtype=o["training_dtype"], save_precision=o["save_precision"],
                                 gradient_checkpointing=o["gradient_checkpointing"],
@@ -267,9 +302,10 @@ def train(model, latents: list[dict], positive: list | None, o: dict, node_id=No
                                 train_text_encoder=te is not None,
                                 objective=topts.objective if topts is not None else None,
                                 v_parameterization=getattr(objective, "kind", None) == "v")
-        write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + "\n")
+        write_text(f"{base}.sdscripts.sh", "#!/bin/sh\n" + cmd + epoch_args(o) + "\n")
     new_model, new_clip, _ = apply_adapter(model, clip, str(final), 1.0, 1.0, node="TrainLyCORIS")
-    return new_model, str(final), loss_curve_image(trainer.losses), new_clip
+    chart = draw_validation(loss_curve_image(trainer.losses), trainer.losses, validation.points)
+    return new_model, str(final), chart, new_clip, samples.batch()
 
 
 class TrainLyCORIS(io.ComfyNode):
@@ -281,7 +317,8 @@ class TrainLyCORIS(io.ComfyNode):
             category="LyCORIS/training",
             description="Trains a LoHa or LoKr network on the given latents with kohya sd-scripts' "
                         "options, defaults, target modules and file format (networks.loha / "
-                        "networks.lokr, ss_* metadata). Saves into the output folder, resumable.",
+                        "networks.lokr, ss_* metadata). Saves into the loras or output "
+                        "folder, resumable.",
             is_input_list=True,
             inputs=_inputs(),
             outputs=[
@@ -292,18 +329,21 @@ class TrainLyCORIS(io.ComfyNode):
                                 "running mean (blue)."),
                 io.Clip.Output(display_name="clip", tooltip="The input CLIP with the trained "
                                "text-encoder modules applied at strength 1 (empty without a CLIP)."),
+                io.Image.Output(display_name="samples", tooltip="The images sampled during "
+                                "training (sample_every_n_steps), in order of step and prompt "
+                                "(a batch of 0 images without samples)."),
             ],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def execute(cls, model, latents, positive=None, clip=None, captions=None,
+    def execute(cls, model, latents=None, positive=None, clip=None, captions=None,
                 **kwargs) -> io.NodeOutput:
         opts = {k: v[0] if isinstance(v, list) else v for k, v in kwargs.items()}
         node_id = getattr(getattr(cls, "hidden", None), "unique_id", None)
-        m, path, img, new_clip = train(model[0], latents, positive, opts, node_id,
+        m, path, img, new_clip, samples = train(model[0], latents, positive, opts, node_id,
                                        clip=clip[0] if clip else None, captions=captions)
-        return io.NodeOutput(m, path, img, new_clip)
+        return io.NodeOutput(m, path, img, new_clip, samples)
 
 
 TRAIN_NODES = [TrainLyCORIS, *TRAIN_OPTION_NODES]

@@ -36,13 +36,23 @@ def flatten_conds(conds: list) -> list:
     return out
 
 
-def split_captions(captions: list[str] | None) -> list[str]:
-    """Captions from the node input: several strings (a list input) are one caption each; a
-    single string holds one caption per non-empty line."""
-    texts = [c for c in (captions or []) if isinstance(c, str)]
+def split_captions(captions: list[str] | None, n: int | None = None) -> list[str]:
+    """Captions from the node input, one per training item; empty captions count.
+
+    Several strings (a list input, e.g. from ComfyUI's dataset nodes) are one caption each, kept
+    as they are: an image without a caption file trains with an empty caption, as in sd-scripts
+    and ComfyUI's MakeTrainingDataset. A single string holds one caption per line, unless there
+    is a single training item (`n == 1`): then the whole text, line breaks included, is its
+    caption. Empty lines between captions are empty captions; a trailing line break is not one.
+    A single blank string (the empty caption field) gives no captions.
+    """
+    texts = [c if isinstance(c, str) else "" for c in (captions or []) if c is not None]
     if len(texts) == 1:
-        texts = texts[0].splitlines()
-    return [t.strip() for t in texts if t.strip()]
+        if not texts[0].strip():  # a blank caption field: no captions given
+            return []
+        if n != 1:
+            texts = texts[0].splitlines()
+    return [t.strip() for t in texts]
 
 
 def per_item(values: list, n: int, what: str) -> list:
@@ -58,11 +68,11 @@ def per_item(values: list, n: int, what: str) -> list:
 def training_items(latents: list[dict], positive: list | None, clip, captions: list[str] | None):
     """The node's training set: (latents, conditionings or None, captions or None), one entry
     per item. With a CLIP the captions are used (re-encoded every step), otherwise `positive`."""
-    lat = flatten_latents(latents)
+    lat = flatten_latents(latents or [])
     if not lat:
         raise ValueError("no training latents")
     if clip is not None:
-        texts = split_captions(captions)
+        texts = split_captions(captions, len(lat))
         if not texts:
             raise ValueError("a CLIP is connected (text-encoder training) but the captions are "
                              "empty: give one caption per line, in the order of the latents")
@@ -100,14 +110,20 @@ class CaptionEncoder:
         self.tokens = [clip.tokenize(c) for c in captions]
 
     def __call__(self, i: int) -> list:
-        model = self.clip.cond_stage_model
-        model.reset_clip_options()
-        if self.clip.layer_idx is not None:
-            model.set_clip_options({"layer": self.clip.layer_idx})
-        with torch.autograd.graph.saved_tensors_hooks(_keep_saved, lambda t: t):
-            out = model.encode_token_weights(self.tokens[i])
-        extra = {"pooled_output": out[1], **(out[2] if len(out) > 2 else {})}
-        return [[out[0], extra]]
+        return encode_tokens(self.clip, self.tokens[i])
+
+
+def encode_tokens(clip, tokens) -> list:
+    """One CONDITIONING entry for `tokens` from a loaded CLIP, with its own layer choice (CLIP
+    Set Last Layer); activations saved for backward are kept (see `_keep_saved`)."""
+    model = clip.cond_stage_model
+    model.reset_clip_options()
+    if clip.layer_idx is not None:
+        model.set_clip_options({"layer": clip.layer_idx})
+    with torch.autograd.graph.saved_tensors_hooks(_keep_saved, lambda t: t):
+        out = model.encode_token_weights(tokens)
+    extra = {"pooled_output": out[1], **(out[2] if len(out) > 2 else {})}
+    return [[out[0], extra]]
 
 
 class Objective:

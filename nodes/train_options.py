@@ -33,6 +33,7 @@ from ..lycoris_core.train.sd_objective import (
     zero_terminal_snr_sigmas,
 )
 from .train_data import Objective
+from .train_dataset import DatasetObjective
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -126,15 +127,32 @@ class SdScriptsObjective(Objective):
                                   **self._kwargs(conds))
 
 
+class DatasetSdScriptsObjective(DatasetObjective, SdScriptsObjective):
+    """A LyCORISDataset's items (flips, caption draws, regularisation weight) with sd-scripts'
+    noise, timestep and loss options."""
+
+
 def make_objective(options: TrainingOptions | None, patcher, lat: list[torch.Tensor], conds,
                    device, dtype, min_t: int, max_t: int, encoder=None,
-                   latents: list[dict] | None = None) -> Objective:
+                   latents: list[dict] | None = None, training_set=None,
+                   trained_clip=None) -> Objective:
     """TrainLyCORIS's loss function: the plain objective, or sd-scripts' with `options`
-    (checked against the model: an option that does not apply is an error naming it)."""
+    (checked against the model: an option that does not apply is an error naming it), on the
+    latents/conditionings or on a LyCORISDataset `training_set`."""
     if options is None:
+        if training_set is not None:
+            return DatasetObjective(patcher, training_set, device, dtype, min_t, max_t,
+                                    trained_clip=trained_clip)
         return Objective(patcher, lat, conds, device, dtype, min_t, max_t, encoder=encoder)
     kind = model_kind(patcher.get_model_object("model_sampling"))
     options.objective.check_model(kind, min_t, max_t)
+    if training_set is not None:
+        if options.objective.masked_loss:
+            raise ValueError("masked_loss: a LyCORISDataset has no masks; use latents with Set "
+                             "Latent Noise Mask instead")
+        return DatasetSdScriptsObjective(patcher, training_set, device, dtype, min_t, max_t,
+                                         trained_clip=trained_clip, options=options.objective,
+                                         kind=kind)
     masks = item_masks(latents) if latents is not None and options.objective.masked_loss else None
     return SdScriptsObjective(patcher, lat, conds, device, dtype, min_t, max_t, encoder=encoder,
                               options=options.objective, kind=kind, masks=masks)

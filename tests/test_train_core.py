@@ -275,6 +275,65 @@ def test_resume_equals_uninterrupted(tmp_path, algo):
         ckpt.save_checkpoint(tr_c, path, "sdxl")
 
 
+def _with_sampler(trainer):
+    """sd-scripts epochs on the 4 items: buckets a, a, b, b with repeats 2, 1, 1, 3 and batch 2
+    give 2 + 2 = 4 micro-batches per epoch, 2 optimizer steps (2 micro-batches each)."""
+    from lycoris_core.train.dataset import EpochSampler
+
+    trainer.sampler = EpochSampler(["a", "a", "b", "b"], [2, 1, 1, 3], 2, seed=3)
+    return trainer.sampler
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tmp_path):
+    net_a, tr_a = _setup("loha")
+    _with_sampler(tr_a)
+    seen: list[list[int]] = []
+    loss_fn = tr_a.loss_fn
+    tr_a.loss_fn = lambda idx: (seen.append(list(idx)), loss_fn(idx))[1]
+    tr_a.run()
+    assert tr_a.sampler.state()["epoch"] == 3 and len(seen) == 12
+    for e in range(3):  # every epoch: each item × its repeats, one bucket per batch
+        ep = seen[4 * e: 4 * e + 4]
+        assert sorted(i for b in ep for i in b) == [0, 0, 1, 2, 3, 3, 3]
+        assert all(len({i // 2 for i in b}) == 1 for b in ep)
+    net_b, tr_b = _setup("loha")
+    _with_sampler(tr_b)
+    tr_b.run(until=3)  # 6 micro-batches: mid-way through the second epoch
+    assert tr_b.sampler.state()["epoch"] == 1 and tr_b.sampler.state()["position"] == 2
+    path = tmp_path / "mid.safetensors"
+    ckpt.save_checkpoint(tr_b, path, "sdxl")
+    net_c, tr_c = _setup("loha")
+    _with_sampler(tr_c)
+    assert ckpt.resume(tr_c, path) is True and tr_c.sampler.state()["position"] == 2
+    tr_c.run()
+    a, c = net_a.named_trainables(), net_c.named_trainables()
+    assert all(torch.equal(a[k], c[k]) for k in a) and tr_a.losses == tr_c.losses
+    # a resume that does not restore the position draws other batches: the state matters
+    net_d, tr_d = _setup("loha")
+    _with_sampler(tr_d)
+    ckpt.resume(tr_d, path)
+    tr_d.sampler.load_state({**tr_d.sampler.state(), "position": 0})
+    tr_d.run()
+    assert not all(torch.equal(a[k], net_d.named_trainables()[k]) for k in a)
+    # a state saved with epochs does not resume a run without them, and vice versa
+    net_e, tr_e = _setup("loha")
+    with pytest.raises(ValueError, match="epochs"):
+        ckpt.resume(tr_e, path)
+
+
+def test_nan_message_fits_the_training_dtype():
+    from lycoris_core.train.loop import nan_hint
+
+    net, tr = _setup("loha")
+    tr.loss_fn = lambda idx: torch.tensor(float("nan"), requires_grad=True)
+    with pytest.raises(FloatingPointError, match="already runs in float32"):
+        tr.run()
+    tr.nan_hint = nan_hint(torch.bfloat16)
+    with pytest.raises(FloatingPointError, match=r"train in fp32 .*used bf16"):
+        tr.run()
+    assert "float32" not in nan_hint(torch.float16).split("(")[0]
+
+
 def test_resume_without_sidecar_loads_weights(tmp_path):
     net_a, tr_a = _setup("lokr")
     tr_a.run(until=2)

@@ -20,9 +20,12 @@ from ui_workflows import CONVERT_SOURCE, EXAMPLES, load_example, on_tiny_models,
 import lycoris_core as lc
 
 WORKFLOWS = ["lycoris_load", "lycoris_strength_schedule", "lycoris_merge", "lycoris_convert",
-             "lycoris_train", "lycoris_train_text_encoder"]
+             "lycoris_train", "lycoris_train_text_encoder", "lycoris_train_dataset"]
 TINY = {"KSampler": {"steps": 2}, "TrainLyCORIS": {"steps": 3, "lr_warmup_steps": 1, "training_dtype": "fp32",
-                                                   "save_every_n_steps": 0}}
+                                                   "save_every_n_steps": 0, "max_train_epochs": 0,
+                                                   "save_every_n_epochs": 0},
+        "LyCORISDataset": {"resolution": 64, "min_bucket_reso": 32, "max_bucket_reso": 128,
+                           "bucket_reso_steps": 8}}
 
 
 @pytest.fixture(scope="module")
@@ -96,11 +99,16 @@ def _check(host, res, node: dict, nid: str) -> None:
         assert isinstance(out[2], torch.Tensor) and out[2].ndim == 4 and out[2].shape[-1] == 3
     elif kind in ("MergeLyCORIS", "ResizeLyCORIS", "BakeLyCORIS", "TrainLyCORIS"):
         path = Path(out[1])
-        assert path.is_file() and _outputs_dir(host).resolve() in path.resolve().parents, out
+        folders = {_outputs_dir(host).resolve(), (host.base_dir / "models" / "loras").resolve()}
+        assert path.is_file() and folders & set(path.resolve().parents), out
         assert lc.load_adapter(path).modules if kind != "BakeLyCORIS" else path.stat().st_size > 0
         if kind == "TrainLyCORIS":  # with a CLIP connected, the text encoders are trained too
             te = [m for m in lc.load_adapter(path).modules if m.startswith("lora_te")]
             assert bool(te) == ("clip" in node["inputs"]) and (out[3] is None) != bool(te)
+            sampled = int(node["inputs"].get("sample_every_n_steps") or 0)
+            assert out[4].shape[0] == (1 if sampled else 0), out[4].shape  # one prompt, step 2
+    elif kind == "LyCORISDataset":  # the example's kohya folder: 3 images × 4 repeats
+        assert out[1].splitlines()[0].startswith("3 image(s) in 1 subset(s), 12 item(s) per epoch"), out[1]
     elif kind == "ConvertLyCORIS" and not node["inputs"]["dry_run"]:
         assert out[0].startswith(f"converted: {CONVERT_SOURCE} -> ") and " 0 failed" in out[0], out[0]
         assert list((_outputs_dir(host) / "loras" / "converted").glob("sdxl_lokr_sdscripts_*.safetensors"))
@@ -108,9 +116,19 @@ def _check(host, res, node: dict, nid: str) -> None:
         assert CONVERT_SOURCE in out[0], out[0]
 
 
+def _tiny(prompt: dict, name: str) -> dict:
+    prompt = on_tiny_models(prompt, TINY)
+    if name == "lycoris_train_dataset":  # samples at step 2 of 3, at the tiny model's size
+        for node in prompt.values():
+            if node["class_type"] == "TrainLyCORIS":
+                node["inputs"].update(sample_every_n_steps=2,
+                                      sample_prompts="sks dog on a sofa --n blurry --w 64 --h 64 --s 2")
+    return prompt
+
+
 @pytest.mark.parametrize("name", WORKFLOWS)
 def test_example_runs_on_tiny_models(host, executor, user_files, name):
-    prompt = on_tiny_models(load_example(name, _classes(host)), TINY)
+    prompt = _tiny(load_example(name, _classes(host)), name)
     res = executor.run(prompt)
     assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
     pack = {cls.define_schema().node_id for cls in host.pack.nodes.NODES}
@@ -118,3 +136,43 @@ def test_example_runs_on_tiny_models(host, executor, user_files, name):
     assert checked
     for nid in checked:
         _check(host, res, prompt[nid], nid)
+
+
+def test_dataset_example_ends_in_a_muted_loader_of_the_trained_file(host, executor, user_files):
+    """kohya folder → LyCORISDataset → TrainLyCORIS → samples → LoadLyCORIS: the loader (and its
+    preview) are muted, as the file does not exist before the first run, and left out of the
+    queued prompt; a Note says to unmute them. The loader names the file the training writes
+    (output_name + the first counter, in the loras folder); unmuted after a run, it applies it."""
+    wf = json.loads((EXAMPLES / "lycoris_train_dataset.json").read_text(encoding="utf-8"))
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    loader = next(n for n in nodes.values() if n["type"] == "LoadLyCORIS")
+    train = next(n for n in nodes.values() if n["type"] == "TrainLyCORIS")
+    muted = {n["id"] for n in nodes.values() if n.get("mode") == 2}
+    assert loader["id"] in muted and all(nodes[i]["type"] in ("LoadLyCORIS", "PreviewAny") for i in muted)
+    note = next(n for n in nodes.values() if n["type"] == "Note")
+    assert "unmute" in note["widgets_values"][0] and loader["widgets_values"][0] in note["widgets_values"][0]
+    api = load_example("lycoris_train_dataset", _classes(host))
+    assert str(loader["id"]) not in api and not {str(i) for i in muted} & set(api)
+    inputs = api[str(train["id"])]["inputs"]
+    assert inputs["save_to"] == "loras"
+    assert loader["widgets_values"][0] == f"{inputs['output_name']}_00001_.safetensors"
+    # the first run writes the file (the counter counts up if an earlier test wrote one)
+    res = executor.run(_tiny(api, "lycoris_train_dataset"))
+    assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
+    written = Path(res.outputs(str(train["id"]))[1])
+    loras = (host.base_dir / "models" / "loras").resolve()
+    rel = written.resolve().relative_to(loras).as_posix()
+    assert rel.startswith(inputs["output_name"] + "_") and rel.endswith("_.safetensors")
+    # unmuted, pointed at that file (as the user picks it after a refresh), it loads it
+    for n in wf["nodes"]:
+        n["mode"] = 0 if n["id"] in muted else n.get("mode", 0)
+    loader["widgets_values"][0] = rel
+    prompt = _tiny(ui_to_api(wf, _classes(host)), "lycoris_train_dataset")
+    lid = str(loader["id"])
+    keep = {lid, *(k for k, v in prompt.items()
+                   if any(isinstance(x, list) and x[:1] == [lid] for x in v["inputs"].values()))}
+    keep |= {v[0] for k in list(keep) for v in prompt[k]["inputs"].values() if isinstance(v, list)}
+    res = executor.run({k: v for k, v in prompt.items() if k in keep})
+    assert res.ok, (res.validation_error, res.node_errors, res.execution_error)
+    report = res.outputs(lid)[2]
+    assert "applied:" in report and "NOT applied" not in report, report

@@ -29,6 +29,7 @@ EXAMPLE_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 EXAMPLE_ADAPTERS = {"example_lokr.safetensors": "lokr", "example_loha.safetensors": "loha"}
 CONVERT_SOURCE = "sdxl_lokr_sdscripts.safetensors"
 EXAMPLE_IMAGE = "example.png"
+EXAMPLE_DATASET = "kohya_dataset"
 TINY_UNET_KEYS = ("diffusion_model.output_blocks.3.1.transformer_blocks.0.attn2.to_q.weight",
                   "diffusion_model.output_blocks.3.1.transformer_blocks.0.attn1.to_k.weight")
 
@@ -54,15 +55,27 @@ def _extra_values(name: str, spec: list) -> int:
     return 1 if opts.get("image_upload") else 0
 
 
+MUTED = 2                            # LiteGraph mode NEVER: the frontend does not queue it
+NOTES = ("Note", "MarkdownNote")     # frontend-only nodes
+
+
 def ui_to_api(workflow: dict, node_classes: dict, fill_defaults: bool = False) -> dict:
     """API prompt {id: {class_type, inputs}} of a UI workflow; raises ValueError if it is stale
     (with `fill_defaults`, missing trailing widget values take the widgets' defaults)."""
     links = {link[0]: link for link in workflow.get("links", [])}
     prompt: dict[str, dict] = {}
+    # as the frontend queues: muted nodes (mode 2) and notes are left out of the prompt
+    skipped = {n["id"] for n in workflow["nodes"] if n.get("mode", 0) == MUTED or n["type"] in NOTES}
     for node in workflow["nodes"]:
         kind, nid = node["type"], node["id"]
+        if nid in skipped:
+            continue
         if node.get("mode", 0) != 0:
-            raise ValueError(f"node {nid} ({kind}) is muted or bypassed: not supported here")
+            raise ValueError(f"node {nid} ({kind}) is bypassed: not supported here")
+        fed = [i["name"] for i in node.get("inputs", []) if i.get("link") is not None
+               and links[i["link"]][1] in skipped]
+        if fed:
+            raise ValueError(f"node {nid} ({kind}): inputs {fed} come from a muted node")
         if kind not in node_classes:
             raise ValueError(f"node {nid}: unknown node type {kind}")
         linked = {i["name"]: links[i["link"]] for i in node.get("inputs", []) if i.get("link") is not None}
@@ -117,6 +130,9 @@ def on_tiny_models(prompt: dict, overrides: dict[str, dict] | None = None) -> di
         for c in _consumers(p, nid, 2):
             if p[c]["class_type"] == "VAEEncode":
                 p[c] = {"class_type": "EmptyLatentImage", "inputs": {**TINY_LATENT, "batch_size": 2}}
+            elif p[c]["class_type"] == "LyCORISDataset":  # encodes with the tiny test VAE
+                p[f"{nid}_vae"] = {"class_type": "LycorisTestVAE", "inputs": {"seed": 0}}
+                p[c]["inputs"]["vae"] = [f"{nid}_vae", 0]
             else:
                 _drop(p, c)
     for nid, node in list(p.items()):
@@ -154,3 +170,12 @@ def put_example_files(base: Path, convert_source: Path | None = None) -> None:
     elif not (loras / CONVERT_SOURCE).exists():
         shutil.copyfile(loras / "example_lokr.safetensors", loras / CONVERT_SOURCE)
     Image.new("RGB", (64, 64), (200, 120, 40)).save(base / "input" / EXAMPLE_IMAGE)
+    # the kohya folder of lycoris_train_dataset: 4 repeats of class "sks dog", mixed sizes, one
+    # image without a caption file
+    subset = base / "input" / EXAMPLE_DATASET / "4_sks dog"
+    subset.mkdir(parents=True, exist_ok=True)
+    for i, (size, caption) in enumerate([((64, 64), "sks dog, sitting"), ((64, 96), "sks dog, standing"),
+                                         ((96, 64), None)]):
+        Image.new("RGB", size, (40 * i, 120, 200 - 40 * i)).save(subset / f"dog{i}.png")
+        if caption is not None:
+            (subset / f"dog{i}.txt").write_text(caption, encoding="utf-8")

@@ -87,6 +87,9 @@ def save_state(trainer: Trainer, adapter_path: str | Path) -> Path:
         "optimizer_param_groups": opt["param_groups"], "optimizer_scalars": scalars,
         "scheduler": trainer.scheduler.state_dict(),
     }
+    sampler = getattr(trainer, "sampler", None)
+    if sampler is not None:  # epoch and position in it: a mid-epoch resume continues exactly
+        info["sampler"] = sampler.state()
     return save_safetensors(tensors, state_path(adapter_path), {STATE_KEY: json.dumps(info)})
 
 
@@ -145,4 +148,10 @@ def resume(trainer: Trainer, adapter_path: str | Path) -> bool:
     trainer.step = int(info["step"])
     trainer.losses = list(info["losses"])
     trainer.rng_state = tensors.get("rng.cpu")
+    sampler = getattr(trainer, "sampler", None)
+    if (sampler is None) != (info.get("sampler") is None):
+        raise ValueError(f"{adapter_path}: saved {'with' if info.get('sampler') else 'without'} "
+                         "epochs (a training set or epoch options); resume the same way")
+    if sampler is not None:
+        sampler.load_state(info["sampler"])
     return True

@@ -90,6 +90,14 @@ def build_optimizer(cfg: TrainConfig, groups: list[dict]) -> torch.optim.Optimiz
     return optimizers.build(cfg.optimizer, clean, cfg.learning_rate, defaults, cfg.optimizer_args)
 
 
+def nan_hint(dtype: torch.dtype) -> str:
+    """What to try when the loss is not finite, for training in `dtype` (autocast)."""
+    if dtype == torch.float32:
+        return "lower the learning rate (training already runs in float32)"
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, str(dtype))
+    return f"lower the learning rate, or train in fp32 (training_dtype; this run used {name})"
+
+
 LossFn = Callable[[list[int]], torch.Tensor]
 
 
@@ -112,8 +120,12 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.rng_state: torch.Tensor | None = None  # CPU generator state after the last step
+        self.nan_hint = nan_hint(torch.float32)  # the caller sets it for its training dtype
+        self.sampler = None  # an EpochSampler (dataset.py) gives the batches when set
 
     def _batch(self) -> list[int]:
+        if self.sampler is not None:
+            return self.sampler.next_batch()
         perm = torch.randperm(self.dataset_size)
         return perm[: self.cfg.batch_size].tolist()
 
@@ -125,8 +137,8 @@ class Trainer:
         for _ in range(acc):
             loss = self.loss_fn(self._batch())
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; lower the "
-                                         "learning rate or use float32")
+                raise FloatingPointError(f"loss is {loss.item()} at step {self.step + 1}; "
+                                         f"{self.nan_hint}")
             (loss / acc).backward()
             total += float(loss.detach())
         params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -11,6 +11,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
+from .dataset import BucketOptions, CaptionOptions, DatasetDescription, SubsetInfo
 from .loop import TrainConfig
 from .network import SS_MODULES, NetworkConfig, _num
 from .optimizers import format_optimizer_args
@@ -136,3 +137,73 @@ def write_text(path: str | Path, text: str) -> Path:
     finally:
         os.unlink(tmp)
     return dst
+
+
+SUBSET_KEYS = ("caption_extension", "shuffle_caption", "keep_tokens", "keep_tokens_separator",
+               "caption_separator", "caption_dropout_rate", "caption_tag_dropout_rate",
+               "caption_prefix", "caption_suffix")
+BUCKET_KEYS = ("enable_bucket", "min_bucket_reso", "max_bucket_reso", "bucket_reso_steps",
+               "bucket_no_upscale")
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(float(v))
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return _toml_str(str(v))
+
+
+def dataset_config_toml(desc: DatasetDescription, batch_size: int | None = None) -> str:
+    """sd-scripts' dataset config for a kohya folder: one dataset (resolution, batch size,
+    bucket options) with one subset per `N_name` folder (image_dir, num_repeats, class_tokens,
+    caption options, flip_aug). `tomllib` reads it back as `description_from_toml` shows."""
+    b, c = desc.buckets, desc.captions
+    w, h = b.resolution
+    lines = ["[general]", f"flip_aug = {_toml_value(desc.flip_aug)}", "",
+             "[[datasets]]",
+             f"resolution = {_toml_value(w if w == h else [w, h])}",
+             f"batch_size = {int(batch_size or desc.batch_size)}"]
+    lines += [f"{k} = {_toml_value(getattr(b, k))}" for k in BUCKET_KEYS]
+    if desc.validation_split > 0:
+        lines += [f"validation_split = {_toml_value(float(desc.validation_split))}",
+                  f"validation_seed = {int(desc.validation_seed)}"]
+    for s in desc.subsets:
+        root = desc.reg_dir if s.is_reg else desc.image_dir
+        lines += ["", "  [[datasets.subsets]]",
+                  f"  image_dir = {_toml_str(str(Path(root) / s.folder))}",
+                  f"  num_repeats = {int(s.num_repeats)}",
+                  f"  class_tokens = {_toml_str(s.class_tokens)}"]
+        if s.is_reg:
+            lines.append("  is_reg = true")
+        lines += [f"  {k} = {_toml_value(getattr(c, k))}" for k in SUBSET_KEYS]
+    return "\n".join(lines) + "\n"
+
+
+def description_from_toml(doc: dict) -> DatasetDescription:
+    """The dataset description an sd-scripts dataset config (as parsed by tomllib) gives: the
+    first dataset, its subsets (their common parent folder as image_dir), bucket and caption
+    options of the first subset, and flip_aug."""
+    ds = doc["datasets"][0]
+    res = ds["resolution"]
+    w, h = (res, res) if isinstance(res, int) else tuple(res)
+    buckets = BucketOptions((w, h), **{k: ds[k] for k in BUCKET_KEYS if k in ds})
+    subs = ds.get("subsets", [])
+    captions = CaptionOptions(**{k: subs[0][k] for k in SUBSET_KEYS if subs and k in subs[0]})
+    dirs = [Path(s["image_dir"]) for s in subs]
+    train_dirs = [d for d, s in zip(dirs, subs, strict=True) if not s.get("is_reg", False)]
+    reg_dirs = [d for d, s in zip(dirs, subs, strict=True) if s.get("is_reg", False)]
+    root = str(train_dirs[0].parent) if train_dirs else ""
+    reg_root = str(reg_dirs[0].parent) if reg_dirs else ""
+    subsets = [SubsetInfo(d.name, int(s.get("num_repeats", 1)), s.get("class_tokens", ""),
+                          is_reg=bool(s.get("is_reg", False)))
+               for d, s in zip(dirs, subs, strict=True)]
+    flip = doc.get("general", {}).get("flip_aug", subs[0].get("flip_aug", False) if subs else False)
+    return DatasetDescription(root, subsets, buckets, captions, bool(flip), int(ds.get("batch_size", 1)),
+                              reg_dir=reg_root,
+                              validation_split=float(ds.get("validation_split", 0.0)),
+                              validation_seed=int(ds.get("validation_seed", 0)))

@@ -35,6 +35,17 @@ class LycorisTestModel(io.ComfyNode):
         return io.NodeOutput(models.dit_model(variant, seed), None)
 
 
+class LycorisTestVAE(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(node_id="LycorisTestVAE", inputs=[io.Int.Input("seed", default=0)],
+                         outputs=[io.Vae.Output()])
+
+    @classmethod
+    def execute(cls, seed) -> io.NodeOutput:
+        return io.NodeOutput(models.tiny_vae(seed))
+
+
 class LycorisTestRecorder(io.ComfyNode):
     """Wraps the model call so that the listed weights are copied every time it runs."""
 
@@ -83,7 +94,7 @@ class LycorisTestSink(io.ComfyNode):
 
 class _Extension(ComfyExtension):
     async def get_node_list(self):
-        return [LycorisTestModel, LycorisTestRecorder, LycorisTestSink]
+        return [LycorisTestModel, LycorisTestVAE, LycorisTestRecorder, LycorisTestSink]
 
 
 async def comfy_entrypoint() -> ComfyExtension:

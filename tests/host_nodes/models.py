@@ -256,3 +256,19 @@ def anima_clip(seed: int = 0):
     clip = comfy.sd.CLIP(target=target, model_options={"dtype": torch.float32})
     _fill(clip.cond_stage_model, seed)
     return clip
+
+
+def tiny_vae(seed: int = 0):
+    """A real ComfyUI VAE (AutoencoderKL, SD/SDXL layout: 4 latent channels, 8× down) at 32
+    channels with seeded weights, for encoding small training images in tests."""
+    import comfy.sd
+
+    ddconfig = {"double_z": True, "z_channels": 4, "resolution": 256, "in_channels": 3,
+                "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1,
+                "attn_resolutions": [], "dropout": 0.0}
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
+    config = {"params": {"embed_dim": 4, "ddconfig": ddconfig}}
+    weights = AutoencoderKL(**config["params"])
+    _fill(weights, seed)
+    return comfy.sd.VAE(sd=weights.state_dict(), config=config)

@@ -8,10 +8,17 @@ import { addChartPanel, registerNodeExtension } from "./lycoris_panel.js";
 const NODE = "TrainLyCORIS";
 const STEP_RE = /step\s+(\d+)\s*\/\s*(\d+)\s+loss\s+([-+0-9.eE]+|nan|inf)/i;
 
-/** {step, total, loss} from a progress text of the trainer, or null. */
+const VAL_RE = /\sval_loss\s+([-+0-9.eE]+|nan|inf)/i;
+
+/** {step, total, loss, val?} from a progress text of the trainer, or null; `val` is the
+ * validation loss when the text reports one (validate_every_n_steps). */
 export function parseProgress(text) {
   const m = STEP_RE.exec(String(text ?? ""));
-  return m ? { step: Number(m[1]), total: Number(m[2]), loss: Number(m[3]) } : null;
+  if (!m) return null;
+  const v = VAL_RE.exec(String(text));
+  const out = { step: Number(m[1]), total: Number(m[2]), loss: Number(m[3]) };
+  if (v) out.val = Number(v[1]);
+  return out;
 }
 
 /** Exponential running mean (sd-scripts' "avr_loss" idea) of `ys`. */
@@ -23,7 +30,7 @@ function runningMean(ys, beta = 0.9) {
 function setupTrainer(node) {
   const { caption, draw } = addChartPanel(node, "lycoris_loss", "lycoris-loss-chart", 110);
   // kept on the node: its id is only known once it is in the graph
-  node.lycorisLossChart = { caption, draw, steps: [], losses: [] };
+  node.lycorisLossChart = { caption, draw, steps: [], losses: [], valSteps: [], vals: [] };
   caption.textContent = "loss: not trained yet";
   setTimeout(() => draw([], { title: "loss" }), 0);
 }
@@ -48,17 +55,27 @@ function onProgressText(event) {
   const p = parseProgress(text);
   if (!chart || !p) return;
   setTimeout(() => fitHeight(node), 0);  // after the frontend's own listener has added its widget
-  if (chart.steps.length && p.step <= chart.steps[chart.steps.length - 1]) {
-    chart.steps = [];  // a new run
-    chart.losses = [];
+  if (p.val !== undefined) {  // the validation loss of a step already drawn
+    chart.valSteps.push(p.step);
+    chart.vals.push(p.val);
+  } else {
+    if (chart.steps.length && p.step <= chart.steps[chart.steps.length - 1]) {
+      chart.steps = [];  // a new run
+      chart.losses = [];
+      chart.valSteps = [];
+      chart.vals = [];
+    }
+    chart.steps.push(p.step);
+    chart.losses.push(p.loss);
   }
-  chart.steps.push(p.step);
-  chart.losses.push(p.loss);
-  chart.draw([
+  const series = [
     { xs: chart.steps, ys: chart.losses, color: "#718096" },
     { xs: chart.steps, ys: runningMean(chart.losses), color: "#4fd1c5" },
-  ], { title: "loss", xLabel: "step" });
-  chart.caption.textContent = `step ${p.step}/${p.total}  loss ${p.loss.toPrecision(4)}`;
+  ];
+  if (chart.vals.length) series.push({ xs: chart.valSteps, ys: chart.vals, color: "#e53e3e" });
+  chart.draw(series, { title: "loss", xLabel: "step" });
+  const last = chart.vals.length ? `  val ${chart.vals[chart.vals.length - 1].toPrecision(4)}` : "";
+  chart.caption.textContent = `step ${p.step}/${p.total}  loss ${p.loss.toPrecision(4)}${last}`;
 }
 
 registerNodeExtension("lycoris_nodes.train", [NODE], setupTrainer, {
