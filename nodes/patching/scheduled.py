@@ -205,7 +205,8 @@ class ScheduleMemory:
 
 
 def _gb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB"
+    """Bytes as GB (10⁹), or MB (10⁶) below 1 GB."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def describe_memory(m: ScheduleMemory, offload: str, load: str) -> list[str]:
@@ -220,12 +221,12 @@ def describe_memory(m: ScheduleMemory, offload: str, load: str) -> list[str]:
         else:
             lines.append(f"schedule memory: +{_gb(m.extra_bytes)} while sampling (W_base "
                          f"{_gb(m.base_bytes)} of {m.weights} weights on {offload}, as ComfyUI "
-                         f"backs up patched weights, + one row block {m.block_bytes / 2**20:.0f} "
-                         f"MiB); cache_delta on would add {_gb(m.delta_bytes)} of float32 ΔW and "
+                         f"backs up patched weights, + one row block {_gb(m.block_bytes)}); "
+                         f"cache_delta on would add {_gb(m.delta_bytes)} of float32 ΔW and "
                          f"keep W_base on {load}")
     if m.bypassed:
         lines.append(f"bypass: {m.bypassed} weights hooked at forward time, no weight copy or ΔW "
-                     "kept (+0 GB)")
+                     "kept (+0 MB)")
     return lines
 
 
@@ -239,7 +240,8 @@ class _Term:
 
 ROW_BLOCK_ELEMENTS = CHUNK_ELEMENTS
 """Rows of W written at once: a block of s·ΔW (float32) holds at most this many values (unless
-one row is larger), the loader's row blocks; the transient memory of a strength change."""
+one row is larger); the transient memory of a strength change. The loader's blocks exactly: a ΔW
+block's GEMM may round differently at another block size, and the bits must be the loader's."""
 _BLOCKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 """Weight dtypes whose rounding from float32 is element-wise (ComfyUI's `stochastic_rounding` is
 a plain cast for them), so writing W row block by row block gives the loader's bits."""
