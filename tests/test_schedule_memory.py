@@ -216,3 +216,26 @@ def test_report_shows_the_extra_memory(host, executor, sched):
     res = executor.run(_graph({"lora_name": name, "mode": "bypass"}))
     (text,) = res.ui["2"]["text"]
     assert f"bypass: {len(UNET_KEYS)} weights hooked" in text and "W_base" not in text, text
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_memory_counts_each_weights_dtype(host, fixtures_dir, dtype):
+    """`ScheduledAdapter.memory` on a model holding the weight in `dtype`: W_base at the dtype's
+    size, ΔW at 4 bytes per parameter (cache on), one row block of float32 ΔW + the W_base rows
+    (cache off)."""
+    import comfy.model_patcher
+
+    from lycoris_core.schedule import parse_schedule
+
+    sp = host.pack.nodes.patching.scheduled
+    module, key, w0 = _module_and_base(host, fixtures_dir, "lokr_linear_default_factor", dtype)
+    root = torch.nn.Module()
+    root.register_parameter("w", torch.nn.Parameter(w0, requires_grad=False))
+    cpu = torch.device("cpu")
+    patcher = comfy.model_patcher.ModelPatcher(root, load_device=cpu, offload_device=cpu)
+    n, size = w0.numel(), w0.element_size()
+    for cache in (False, True):
+        m = sp.ScheduledAdapter({"w": (module, 1.0)}, parse_schedule("constant"), cache_delta=cache).memory(patcher)
+        assert (m.weights, m.base_bytes, m.delta_bytes) == (1, n * size, n * 4)
+        assert m.block_bytes == n * (4 + size)  # this small weight is one row block
+        assert m.extra_bytes == n * size + (n * 4 if cache else n * (4 + size))
