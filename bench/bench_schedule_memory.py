@@ -31,7 +31,8 @@ full-size figure is `ScheduleMemory` (the formula the node reports), checked aga
 measured peak on the subset. Also measured in the `default` child: one patch of the same
 weights by the pack's loader through ComfyUI's `patch_weight_to_device` (the time goal: a
 strength change costs at most one patch), and converting every module's factors to float32 (all
-that a cache of the factors could save per change). --quick: every 20th weight.
+that a cache of the factors could save per change). --algo loha: bench_apply's LoHa instead of
+its LoKr. --quick: every 20th weight.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ FIRST, CHANGE = 0, 12
 LOW = 0.4
 SCHEDULE = f"hold; 0:1, 50%:{LOW}"
 KINDS = ("hooks", "default", "cache", "bypass")
-BENCH = "schedule at full SDXL size (788 fp16 weights, LoKr r16), no sampling"
+BENCH = "schedule at full SDXL size (788 fp16 weights, {algo} r16), no sampling"
 
 
 def _mods(quick: bool, stride: int, limit: int | None) -> dict:
@@ -68,16 +69,16 @@ def _mods(quick: bool, stride: int, limit: int | None) -> dict:
     return dict(items[:limit] if limit else items)
 
 
-def write_file(quick: bool, stride: int, limit: int | None, folder: str) -> str:
-    """The LoKr file for the weights a contestant uses."""
+def write_file(quick: bool, stride: int, limit: int | None, folder: str, algo: str = "lokr") -> str:
+    """The adapter file (bench_apply's LoKr or LoHa, rank 16) for the weights a contestant uses."""
     import lycoris_core as lc
 
     from .bench_apply import make_adapter
 
-    path = str(Path(folder) / f"lokr_s{stride}_{limit or 0}{'_q' if quick else ''}.safetensors")
+    path = str(Path(folder) / f"{algo}_s{stride}_{limit or 0}{'_q' if quick else ''}.safetensors")
     if not os.path.exists(path):
-        lc.save_safetensors(make_adapter(_mods(quick, stride, limit), "lokr", seed=1), path,
-                            {"ss_network_module": "networks.lokr"})
+        lc.save_safetensors(make_adapter(_mods(quick, stride, limit), algo, seed=1), path,
+                            {"ss_network_module": f"networks.{algo}"})
     return path
 
 
@@ -262,13 +263,14 @@ def _child(kind: str, path: str, **kw) -> dict:
     return r
 
 
-def main(quick: bool = False, cache_stride: int = 3, limit: int | None = None) -> dict:
+def main(quick: bool = False, cache_stride: int = 3, limit: int | None = None,
+         algo: str = "lokr") -> dict:
     """All contestants (each in its own process) and the rows: times against hooks, peaks."""
     # large frees must go back to the OS at once, or the children's RSS cannot show a peak
     os.environ.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     folder = tempfile.mkdtemp(prefix="bench_sched_mem_")
-    full = write_file(quick, 1, limit, folder)
-    sub = write_file(quick, cache_stride, limit, folder)
+    full = write_file(quick, 1, limit, folder, algo)
+    sub = write_file(quick, cache_stride, limit, folder, algo)
     res = {"hooks": _child("hooks", full, quick=quick, limit=limit),
            "default": _child("default", full, quick=quick, limit=limit, extras=True),
            "bypass": _child("bypass", full, quick=quick, limit=limit),
@@ -277,45 +279,49 @@ def main(quick: bool = False, cache_stride: int = 3, limit: int | None = None) -
     gb = 1e9
     n = res["default"]["weights"]
     rows = []
+    bench = BENCH.format(algo={"lokr": "LoKr", "loha": "LoHa"}[algo])
     hooks = res["hooks"]
     for kind in ("default", "bypass"):
         r = res[kind]
         for phase, s in r["cpu_s"].items():
-            rows.append(row(BENCH, f"{kind}: {phase} ({n} weights)", s,
+            rows.append(row(bench, f"{kind}: {phase} ({n} weights)", s,
                             {"hooks": hooks["cpu_s"][phase]}, "cpu_s"))
-        rows.append(row(BENCH, f"{kind}: peak extra RSS ({n} weights)", r["peak_extra_bytes"] / gb,
+        rows.append(row(bench, f"{kind}: peak extra RSS ({n} weights)", r["peak_extra_bytes"] / gb,
                         {"hooks": hooks["peak_extra_bytes"] / gb}, "GB"))
     d = res["default"]
-    rows.append(row(BENCH, "default: strength change vs one patch by the loader", d["cpu_s"]["change"],
+    rows.append(row(bench, "default: strength change vs one patch by the loader", d["cpu_s"]["change"],
                     {"one patch": d["one_patch_cpu_s"]}, "cpu_s", goal="≤ 1"))
-    rows.append(row(BENCH, "default: peak extra RSS vs its formula (W_base + one row block)",
+    rows.append(row(bench, "default: all factors to float32 (the most a factor cache saves per change)",
+                    d["factors_fp32_cpu_s"], {"change": d["cpu_s"]["change"]}, "cpu_s"))
+    rows.append(row(bench, "default: peak extra RSS vs its formula (W_base + one row block)",
                     d["peak_extra_bytes"] / gb, {"formula": d["memory"]["extra_bytes"] / gb}, "GB"))
     c, ds = res["cache_subset"], res["default_subset"]
     m = c["weights"]
     for phase, s in c["cpu_s"].items():
-        rows.append(row(BENCH, f"cache on: {phase} (every {cache_stride}th weight, {m})", s,
+        rows.append(row(bench, f"cache on: {phase} (every {cache_stride}th weight, {m})", s,
                         {"default": ds["cpu_s"][phase]}, "cpu_s"))
-    rows.append(row(BENCH, f"cache on: peak extra RSS (every {cache_stride}th weight, {m})",
+    rows.append(row(bench, f"cache on: peak extra RSS (every {cache_stride}th weight, {m})",
                     c["peak_extra_bytes"] / gb, {"default": ds["peak_extra_bytes"] / gb,
                                                  "formula": c["memory"]["extra_bytes"] / gb}, "GB"))
     full_cache = d["memory"]["base_bytes"] + d["memory"]["delta_bytes"]
-    rows.append(row(BENCH, f"cache on at full size ({n} weights): formula", full_cache / gb,
+    rows.append(row(bench, f"cache on at full size ({n} weights): formula", full_cache / gb,
                     {"default formula": d["memory"]["extra_bytes"] / gb}, "GB",
                     note="cache on's measured peak / formula on the subset: "
                          f"{c['peak_extra_bytes'] / c['memory']['extra_bytes']:.2f}"))
-    return {"rows": rows, "contestants": res, "cache_stride": cache_stride, "quick": quick,
+    return {"rows": rows, "contestants": res, "cache_stride": cache_stride, "quick": quick, "algo": algo,
             "sigmas": SIGMAS, "schedule": SCHEDULE, "machine": machine_info()}
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="every 20th weight")
+    ap.add_argument("--algo", choices=("lokr", "loha"), default="lokr")
     ap.add_argument("--cache-stride", type=int, default=3,
                     help="cache_delta on runs on every Nth weight (default 3: it would not fit)")
     args = ap.parse_args()
-    out = main(quick=args.quick, cache_stride=args.cache_stride)
+    out = main(quick=args.quick, cache_stride=args.cache_stride, algo=args.algo)
     print(format_table(out["rows"]))
     print(json.dumps({k: {x: v[x] for x in ("peak_extra_bytes", "cpu_s", "memory")}
                       for k, v in out["contestants"].items()}, indent=1))
-    print("written:", write_json(out, "schedule_memory_quick" if args.quick else "schedule_memory"),
-          file=sys.stderr)
+    name = ("schedule_memory_quick" if args.quick else "schedule_memory") + f"_{args.algo}"
+    print("written:", write_json(out, name), file=sys.stderr)
