@@ -35,7 +35,8 @@ CACHE_TOOLTIP = (
     "Off (default): keep only a copy of the adapted weights in their dtype on the offload device "
     "(what ComfyUI keeps for any patch) and rebuild ΔW from the adapter's factors in row blocks at "
     "each strength change (about one patch of those weights per change). On: also keep ΔW in "
-    "float32 and the copy on the weights' device (VRAM on a GPU): faster changes, extra memory = "
+    "float32 and the copy on the weights' device (VRAM on a GPU), read at each change instead of "
+    "rebuilt (no faster for a LoKr, where the rebuild is cheap); extra memory = "
     "adapted parameters × (4 bytes + their dtype's size), e.g. +15 GB for a LoKr on all 788 fp16 "
     "weights of a full SDXL UNet. The node's report gives the figure for the connected model. "
     "Patch mode only; bypass keeps no copy at all.")
