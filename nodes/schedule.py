@@ -12,7 +12,13 @@ from ..lycoris_core.blocks import parse_block_weights
 from ..lycoris_core.schedule import INTERPOLATIONS, PRESET_HELP, parse_schedule, render_curve
 from .loaders import BLOCK_TOOLTIP, MODE_TOOLTIP
 from .patching import MODES, cache_key
-from .patching.scheduled import TIMINGS, ScheduledAdapter, plan_from_file, take_over_loader_patches
+from .patching.scheduled import (
+    TIMINGS,
+    ScheduledAdapter,
+    describe_memory,
+    plan_from_file,
+    take_over_loader_patches,
+)
 
 log = logging.getLogger("lycoris_nodes")
 
@@ -25,6 +31,15 @@ SCHEDULE_TOOLTIP = (
     "first / after the last keyframe the strength holds. A word hold / linear / cosine in the text "
     "overrides the interpolation input. Or a preset: "
     + "; ".join(f"{k} ({v})" for k, v in PRESET_HELP.items()) + ".")
+CACHE_TOOLTIP = (
+    "Off (default): keep only a copy of the adapted weights in their dtype on the offload device "
+    "(what ComfyUI keeps for any patch) and rebuild ΔW from the adapter's factors in row blocks at "
+    "each strength change (about one patch of those weights per change). On: also keep ΔW in "
+    "float32 and the copy on the weights' device (VRAM on a GPU), read at each change instead of "
+    "rebuilt (no faster for a LoKr, where the rebuild is cheap); extra memory = "
+    "adapted parameters × (4 bytes + their dtype's size), e.g. +15 GB for a LoKr on all 788 fp16 "
+    "weights of a full SDXL UNet. The node's report gives the figure for the connected model. "
+    "Patch mode only; bypass keeps no copy at all.")
 TIMING_TOOLTIP = (
     "How a step's percent is measured. steps: position in the sampler's own steps (step i of n is "
     "at i/n; 50% = the middle step). sigma: ComfyUI's model-sampling percent, as hook keyframes and "
@@ -47,8 +62,9 @@ class LyCORISStrengthSchedule(io.ComfyNode):
                 "model) with a diffusion-model strength that follows keyframes over the sampling "
                 "steps (hold / linear / cosine, presets such as fade_out or pulse), with per-block "
                 "strengths and a separate, constant CLIP strength. Before each model call only the "
-                "adapter's weights are set to base + strength·ΔW (ΔW built once per run in float32); "
-                "the base weights are restored after sampling. Works with every sampler, CFG and "
+                "adapter's weights are set to base + strength·ΔW (ΔW rebuilt in row blocks when the "
+                "strength changes, or kept with cache_delta); the base weights are restored after "
+                "sampling. The report shows the extra memory. Works with every sampler, CFG and "
                 "batched conditionings. Mode bypass: the adapter runs at forward time and reads the "
                 "strength at each model call, no weight is written. Shows the curve."),
             inputs=[
@@ -75,11 +91,7 @@ class LyCORISStrengthSchedule(io.ComfyNode):
                 io.Int.Input("preview_steps", default=20, min=0, max=1000,
                              tooltip="Dots on the curve preview at the strength each of this many "
                                      "steps gets (timing 'steps'); 0 = no dots."),
-                io.Boolean.Input("cache_delta", default=True,
-                                 tooltip="Keep ΔW of the adapted weights in float32 during sampling "
-                                         "(fastest). Off: rebuild ΔW whenever the strength changes "
-                                         "and keep the base copy on the offload device (less "
-                                         "memory, slower)."),
+                io.Boolean.Input("cache_delta", default=False, tooltip=CACHE_TOOLTIP),
                 io.Combo.Input("mode", options=list(MODES), default="patch", optional=True,
                                tooltip=MODE_TOOLTIP + " With a schedule, bypass reads the "
                                        "strength at each forward: nothing is written when it "
@@ -111,8 +123,8 @@ class LyCORISStrengthSchedule(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, lora_name, strength_model, strength_clip, schedule, interpolation,
-                timing, block_weights, preview_steps, cache_delta, mode="patch",
-                clip=None) -> io.NodeOutput:
+                timing, block_weights, preview_steps, cache_delta=False,
+                mode="patch", clip=None) -> io.NodeOutput:
         sched = parse_schedule(schedule, interpolation)
         bw = parse_block_weights(block_weights)
         if lora_name == FROM_MODEL:
@@ -123,9 +135,13 @@ class LyCORISStrengthSchedule(io.ComfyNode):
             entries, new_clip, _ = plan_from_file(model, clip, path, strength_model, strength_clip,
                                                   bw, node=NODE_ID, mode=mode)
             new_model = model.clone() if entries else model
+        report_lines: list[str] = []
         if entries:
             scheduled = ScheduledAdapter(entries, sched, timing, cache_delta, mode)
             scheduled.attach(new_model)
+            memory = scheduled.memory(new_model)
+            report_lines += describe_memory(memory, str(new_model.offload_device),
+                                            str(new_model.load_device))
             for key, why in scheduled.fallback.items():
                 log.warning("%s %s: %s is scheduled by writing its weight (bypass cannot run "
                             "it: %s)", NODE_ID, lora_name, key, why)
@@ -136,10 +152,12 @@ class LyCORISStrengthSchedule(io.ComfyNode):
                 log.info("%s %s: %d LLM-adapter weights at constant strength (the LLM adapter runs "
                          "once on the prompt, before the steps a schedule follows)", NODE_ID,
                          lora_name, len(scheduled.constant))
-        log.info("%s %s: %d weights scheduled (mode %s), %s", NODE_ID, lora_name, len(entries),
-                 mode, sched.describe())
+        report = "\n".join([f"{len(entries)} weights scheduled (mode {mode}), "
+                            f"{sched.describe()}", *report_lines])
+        log.info("%s %s: %s", NODE_ID, lora_name, report)
         curve = torch.from_numpy(render_curve(sched, steps=preview_steps or None))[None]
-        return io.NodeOutput(new_model, new_clip, curve, ui=ui.PreviewImage(curve, cls=cls))
+        shown = {**ui.PreviewImage(curve, cls=cls).as_dict(), **ui.PreviewText(report).as_dict()}
+        return io.NodeOutput(new_model, new_clip, curve, ui=shown)
 
 
 SCHEDULE_NODES = [LyCORISStrengthSchedule]

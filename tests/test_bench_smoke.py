@@ -209,3 +209,27 @@ def test_bench_host_is_the_venv_host(monkeypatch):
     assert chosen == Path(comfy_host.COMFY_DIR).resolve()  # this pytest's venv → its host
     monkeypatch.setenv("LYCORIS_COMFYUI_DIR", "/elsewhere")
     assert common.select_host() == "/elsewhere"
+
+
+def test_schedule_memory_bench_runs_every_contestant(host, tmp_path, monkeypatch):
+    """bench_schedule_memory's contestants in this process on 3 of the SDXL targets (every 20th):
+    hooks and the schedule's three settings write W0 + 0.4·ΔW at the change and restore W0 bit
+    for bit; the memory figures are the formula's; a schedule that misses the change is caught."""
+    import torch
+
+    from bench import bench_schedule_memory as bsm
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)  # keep this session's threads
+    path = bsm.write_file(True, 1, 3, str(tmp_path))
+    out = {k: bsm.contestant(k, path, quick=True, limit=3, extras=k == "default") for k in bsm.KINDS}
+    params = out["hooks"]["params"]
+    for kind, r in out.items():
+        assert r["restored"] and r["weights"] == 3, kind
+        if kind != "bypass":
+            assert r["change_rel_err"] < 0.25 and r["cpu_s"]["change"] > 0, kind
+    assert out["default"]["memory"]["base_bytes"] == 2 * params  # fp16 weights
+    assert out["cache"]["memory"]["extra_bytes"] == 6 * params
+    assert out["bypass"]["memory"]["extra_bytes"] == 0
+    assert out["default"]["one_patch_cpu_s"] > 0 and out["default"]["factors_fp32_cpu_s"] > 0
+    monkeypatch.setattr(bsm, "SCHEDULE", "hold; 0:1")  # the strength never changes
+    assert bsm.contestant("default", path, quick=True, limit=3)["change_rel_err"] > 0.25

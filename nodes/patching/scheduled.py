@@ -5,19 +5,26 @@ the scheduled model carries no static patch for the adapter's diffusion-model we
 wrappers of ComfyUI's wrapper API (`comfy.patcher_extension.WrappersMP`) do the work:
 
 - SAMPLER_SAMPLE (once per sampler run, after ComfyUI has loaded and patched the model): snapshot
-  each adapted weight W_base as loaded (other patches included) and build ΔW once in float32 on
-  the weight's device (lycoris_core, the same row blocks the loader uses); restore every W_base
-  bit for bit in `finally` (errors and interrupts included).
+  each adapted weight W_base as loaded (other patches included), on the offload device (as
+  ComfyUI backs up patched weights); with `cache_delta` on the weight's device and ΔW built once
+  in float32 there too; restore every W_base bit for bit in `finally` (errors and interrupts
+  included; a weight is marked dirty before its first byte is written).
 - CALC_COND_BATCH (every model evaluation, before any unet-function wrapper, cond and uncond and
   every batched conditioning of that evaluation share it): from the evaluation's sigma get the
   percent of sampling, evaluate the schedule, and when a weight's strength changed write
   `W = W_base + s·ΔW` with the loader's arithmetic (fp32 sum, ComfyUI's rounding to the weight's
-  dtype), so a constant schedule reproduces the loader bit for bit and nothing drifts.
+  dtype), so a constant schedule reproduces the loader bit for bit and nothing drifts. Without
+  the cache (the default) ΔW is rebuilt from the adapter's factors a row block at a time, each
+  block summed with its W_base rows and written (fp32/fp16/bf16 weights: the cast is
+  element-wise, so the blocks give the loader's bits): a strength change costs about one patch
+  of the adapted weights and holds one row block. Incremental updates (W += Δs·ΔW) would cost
+  the same ΔW build and drift in the weight's dtype, so every write starts from W_base.
 
 Several scheduled adapters on one model share one run per sampling (`_ACTIVE`), so weights they
-both touch get `W_base + Σ sᵢ·ΔWᵢ`. Extra memory during sampling: W_base (weight dtype) and ΔW
-(float32) of the adapted weights; `cache_delta=False` keeps only W_base (on the offload device)
-and rebuilds ΔW in row blocks whenever the strength changes.
+both touch get `W_base + Σ sᵢ·ΔWᵢ`. Extra memory during sampling (`ScheduledAdapter.memory`,
+shown in the node's report): W_base of the adapted weights in their dtype on the offload device
+plus one row block; `cache_delta=True` keeps W_base on the weight's device and ΔW in float32
+(4 bytes per adapted parameter more) and skips the ΔW rebuild.
 
 Weights of components that run once on the prompt before the first step (Anima's LLM adapter,
 `keymap.runs_on_prompt`) are not scheduled: no per-step strength could reach the output through
@@ -50,11 +57,13 @@ from ...lycoris_core.keymap import runs_on_prompt
 from ...lycoris_core.schedule import Schedule, percent_along_sigmas
 from .bypass import BypassInjection, Strength, bypass_plan, injections_of
 from .static import (
+    CHUNK_ELEMENTS,
     LycorisPatch,
     _add_rows,
     _identity,
     apply_adapter,
     cached_adapter,
+    delta_block_elements,
     delta_row_blocks,
     plan_constant,
 )
@@ -76,7 +85,7 @@ class ScheduledAdapter:
     entries: dict[str, tuple[AdapterModule, float]]
     schedule: Schedule
     timing: str = "steps"
-    cache_delta: bool = True
+    cache_delta: bool = False
     mode: str = "patch"
     _sigma_cache: tuple[object, dict[float, float]] = field(default=(None, {}), repr=False)
     bypass: BypassInjection | None = field(default=None, init=False)
@@ -117,6 +126,22 @@ class ScheduledAdapter:
         patcher.add_wrapper_with_key(wm.SAMPLER_SAMPLE, WRAPPER_KEY, self._sampler_sample)
         patcher.add_wrapper_with_key(wm.CALC_COND_BATCH, WRAPPER_KEY, self._calc_cond_batch)
 
+    def memory(self, patcher) -> ScheduleMemory:
+        """The extra memory this schedule holds while sampling `patcher`'s model (after attach)."""
+        sd = patcher.model.state_dict()
+        weights = self.weight_entries
+        base = delta = block = 0
+        for key, (module, _) in weights.items():
+            w = sd[key]
+            base += w.numel() * w.element_size()
+            delta += w.numel() * 4
+            shape = tuple(w.shape)
+            # a block of s·ΔW in float32 + the W_base rows brought to the weight's device
+            elements = delta_block_elements(module, shape, ROW_BLOCK_ELEMENTS)
+            block = max(block, elements * (4 + w.element_size()))
+        hooked = len(self.bypass.layers) if self.bypass is not None else 0
+        return ScheduleMemory(len(weights), base, delta, block, hooked, self.cache_delta)
+
     def factor(self, sigma: float, run: _Run) -> float:
         """The schedule's multiplier at a model call of noise level `sigma`."""
         if self.timing != "sigma":
@@ -153,11 +178,73 @@ class ScheduledAdapter:
 
 
 @dataclass
+class ScheduleMemory:
+    """Extra memory a schedule holds while it samples, computed from the connected model's
+    adapted weights (their shapes and dtypes): bytes, not estimates.
+
+    - `base_bytes`: one copy of the weights written per strength (W_base), in their dtype — what
+      ComfyUI's own patching keeps as its backup of patched weights;
+    - `delta_bytes`: ΔW of the same weights in float32 (kept only with cache_delta);
+    - `block_bytes`: the largest transient of a strength change without the cache: one row block
+      of s·ΔW in float32 plus its W_base rows on the weight's device (a DoRA module's whole ΔW).
+    """
+
+    weights: int
+    base_bytes: int
+    delta_bytes: int
+    block_bytes: int
+    bypassed: int = 0
+    cache_delta: bool = False
+
+    @property
+    def extra_bytes(self) -> int:
+        """What this setting adds during sampling."""
+        if self.cache_delta:
+            return self.base_bytes + self.delta_bytes
+        return self.base_bytes + self.block_bytes
+
+
+def _gb(n: int) -> str:
+    """Bytes as GB (10⁹), or MB (10⁶) below 1 GB."""
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+def describe_memory(m: ScheduleMemory, offload: str, load: str) -> list[str]:
+    """Report lines: this setting's extra memory and what the other settings would cost."""
+    lines = []
+    if m.weights:
+        if m.cache_delta:
+            lines.append(f"schedule memory: +{_gb(m.extra_bytes)} while sampling (cache_delta on: "
+                         f"W_base {_gb(m.base_bytes)} + float32 ΔW {_gb(m.delta_bytes)} of "
+                         f"{m.weights} weights, on {load}); cache_delta off: "
+                         f"+{_gb(m.base_bytes + m.block_bytes)}")
+        else:
+            lines.append(f"schedule memory: +{_gb(m.extra_bytes)} while sampling (W_base "
+                         f"{_gb(m.base_bytes)} of {m.weights} weights on {offload}, as ComfyUI "
+                         f"backs up patched weights, + one row block {_gb(m.block_bytes)}); "
+                         f"cache_delta on would add {_gb(m.delta_bytes)} of float32 ΔW and "
+                         f"keep W_base on {load}")
+    if m.bypassed:
+        lines.append(f"bypass: {m.bypassed} weights hooked at forward time, no weight copy or ΔW "
+                     "kept (+0 MB)")
+    return lines
+
+
+@dataclass
 class _Term:
     adapter: ScheduledAdapter
     module: AdapterModule
     strength: float
     delta: torch.Tensor | None = None  # float32 ΔW at strength 1 (cache_delta) or None
+
+
+ROW_BLOCK_ELEMENTS = CHUNK_ELEMENTS
+"""Rows of W written at once: a block of s·ΔW (float32) holds at most this many values (unless
+one row is larger); the transient memory of a strength change. The loader's blocks exactly: a ΔW
+block's GEMM may round differently at another block size, and the bits must be the loader's."""
+_BLOCKED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+"""Weight dtypes whose rounding from float32 is element-wise (ComfyUI's `stochastic_rounding` is
+a plain cast for them), so writing W row block by row block gives the loader's bits."""
 
 
 @dataclass
@@ -169,6 +256,7 @@ class _Weight:
     convert_func: Callable | None
     terms: list[_Term] = field(default_factory=list)
     current: tuple[float, ...] | None = None  # strengths now in effect; None = W_base
+    dirty: bool = False  # param may differ from W_base (set before the first byte is written)
 
     def base_fp32(self) -> torch.Tensor:
         """W_base in float32 on the weight's device, as ComfyUI's patcher prepares it."""
@@ -188,13 +276,13 @@ class _Weight:
 
     def write(self, strengths: tuple[float, ...]) -> None:
         """param ← W_base + Σ sᵢ·ΔWᵢ with the loader's arithmetic (fp32 sums, ComfyUI's rounding)."""
+        self.current = None
+        self.dirty = True  # from here on an error leaves param to restore()
         with torch.no_grad():
             if not any(strengths):
                 self.param.copy_(self.base)
-            elif self._fast(strengths):
-                term = self.terms[0]
-                scaled = torch.mul(term.delta, strengths[0])
-                torch.add(self.base, scaled, out=self.param)
+            elif self._blocked():
+                self._write_rows(self.terms[0], strengths[0])
             else:
                 temp = self.base_fp32()
                 for term, s in zip(self.terms, strengths, strict=True):
@@ -212,16 +300,39 @@ class _Weight:
                     self.param.copy_(comfy.float.stochastic_rounding(temp, self.param.dtype, seed=seed))
         self.current = strengths
 
-    def _fast(self, strengths: tuple[float, ...]) -> bool:
-        return (len(self.terms) == 1 and self.terms[0].delta is not None
-                and self.param.dtype == torch.float32 and self.base.device == self.param.device
-                and self.set_func is None and self.convert_func is None)
+    def _blocked(self) -> bool:
+        """One term on a plain weight: written a row block at a time (no whole fp32 copy)."""
+        return (len(self.terms) == 1 and self.set_func is None and self.convert_func is None
+                and self.param.dtype in _BLOCKED_DTYPES
+                and (self.terms[0].delta is not None or not self.terms[0].module.has_dora))
+
+    def _write_rows(self, term: _Term, s: float) -> None:
+        """param[r0:r1] ← round(float32(W_base[r0:r1]) + s·ΔW[r0:r1]) per row block: the
+        loader's sum (float32, addition commutes bit for bit) and its cast to the weight's dtype."""
+        device = self.param.device
+        for r0, r1, dw in self._term_blocks(term, s, device):
+            dw.add_(self.base[r0:r1].to(device))  # fp16/bf16 rows are widened exactly
+            self.param[r0:r1].copy_(dw)
+
+    def _term_blocks(self, term: _Term, s: float, device: torch.device):
+        """(r0, r1, s·ΔW[r0:r1]) in float32 on `device`, each block a new tensor."""
+        if term.delta is None:
+            for r0, r1, dw in delta_row_blocks(term.module, tuple(self.param.shape), device,
+                                               ROW_BLOCK_ELEMENTS):
+                yield r0, r1, dw.mul_(s) if s != 1.0 else dw
+            return
+        rows = term.delta.shape[0]
+        step = max(1, ROW_BLOCK_ELEMENTS // max(1, term.delta[0].numel()))
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            yield r0, r1, torch.mul(term.delta[r0:r1].to(device), s)
 
     def restore(self) -> None:
-        if self.current is not None:
+        if self.dirty:
             with torch.no_grad():
                 self.param.copy_(self.base)
-            self.current = None
+            self.dirty = False
+        self.current = None
 
 
 def _deltas(module: AdapterModule, base32: torch.Tensor):

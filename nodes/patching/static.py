@@ -68,7 +68,6 @@ def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torc
     ΔW[r0:r1] has shape (r1 − r0, *shape[1:]). Not for DoRA modules (their rows need W0).
     """
     shape = module.resolved_shape(shape)
-    row_numel = max(1, int(torch.Size(shape[1:]).numel()))
     split = _row_slicer(module)
     if split is None:
         yield 0, shape[0], module.delta(torch.float32, shape=shape, device=device)
@@ -77,7 +76,7 @@ def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torc
     factors = module.factors(device, torch.float32)
     # bound max|ΔW| from the factors (once per module); look at ΔW only when it could overflow
     check = module.delta_may_overflow(factors, torch.float32)
-    step = max(1, max_elements // (row_numel * unit))
+    step = _rows_per_block(shape, unit, max_elements)
     n = shape[0] // unit
     for a in range(0, n, step):
         b = min(n, a + step)
@@ -86,6 +85,26 @@ def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torc
             raise AdapterError(f"module '{module.name}': ΔW overflows float32 (NaN or Inf)",
                                file=module.path, key=module.name)
         yield a * unit, b * unit, dw.reshape(((b - a) * unit, *shape[1:]))
+
+
+def _rows_per_block(shape: tuple[int, ...], unit: int, max_elements: int) -> int:
+    """Factor rows per row block of ΔW (each factor row gives `unit` output rows)."""
+    row_numel = max(1, int(torch.Size(shape[1:]).numel()))
+    return max(1, max_elements // (row_numel * unit))
+
+
+def delta_block_elements(module: AdapterModule, shape: tuple[int, ...],
+                         max_elements: int = CHUNK_ELEMENTS) -> int:
+    """The most float32 values one ΔW block of `delta_row_blocks` (or a DoRA module's whole
+    change) holds for a weight of `shape`: what building ΔW in row blocks costs at once."""
+    shape = module.resolved_shape(shape)
+    numel = int(torch.Size(shape).numel())
+    split = None if module.has_dora else _row_slicer(module)
+    if split is None:
+        return numel
+    unit = split[0]
+    rows = min(shape[0], _rows_per_block(shape, unit, max_elements) * unit)
+    return min(numel, rows * int(torch.Size(shape[1:]).numel()))
 
 
 def _add_rows(weight: torch.Tensor, r0: int, r1: int, dw: torch.Tensor, strength: float,

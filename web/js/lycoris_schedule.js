@@ -12,6 +12,8 @@ function setupSchedule(node) {
   const { caption, draw } = addChartPanel(node, "lycoris_curve", "lycoris-schedule-curve", 100);
   const value = (name) => node.widgets?.find((w) => w.name === name)?.value;
   let pending = 0;
+  let report = "";  // the last run's report (weights scheduled, extra memory while sampling)
+  caption.style.whiteSpace = "pre-line";
 
   const refresh = async () => {
     const ticket = ++pending;
@@ -26,7 +28,8 @@ function setupSchedule(node) {
         ...(steps.length ? [{ xs: steps.map((p) => p * 100), ys: stepStrength, color: "#f6ad55", dots: true }] : []),
       ], { title: "strength", xLabel: "%" });
       caption.className = "";
-      caption.textContent = c.describe + (steps.length ? `  (orange: ${n} steps)` : "");
+      caption.textContent = c.describe + (steps.length ? `  (orange: ${n} steps)` : "")
+        + (report ? `\n${report}` : "");
     } catch (e) {
       if (ticket !== pending) return;
       draw([], { title: "strength" });
@@ -36,6 +39,13 @@ function setupSchedule(node) {
   };
   for (const name of ["schedule", "interpolation", "preview_steps"]) onWidgetChange(node, name, refresh);
   chain(node, "onConfigure", refresh);
+  chain(node, "onExecuted", (message) => {
+    const text = message?.text;
+    if (text?.length) {
+      report = Array.isArray(text) ? text.join("\n") : String(text);
+      refresh();
+    }
+  });
   setTimeout(refresh, 0);
 }
 
