@@ -186,8 +186,9 @@ def count_host_reads():
             setattr(torch.Tensor, n, fn)
 
 
-def _file(tmp_path, layers: int, dora: bool = False):
-    """A LoHa/LoKr/LoRA file over `layers` Linear layers l0…: rows cycle the three algorithms."""
+def _file(tmp_path, layers: int, dora: bool = False, amp: float = 0.1):
+    """A LoHa/LoKr/LoRA file over `layers` Linear (32 → 48) layers l0…, cycling the three
+    algorithms; factors ~ N(0, amp²)."""
     g = torch.Generator().manual_seed(layers)
     t: dict[str, torch.Tensor] = {}
     for i in range(layers):
@@ -195,19 +196,19 @@ def _file(tmp_path, layers: int, dora: bool = False):
         algo = ("loha", "lokr", "lora")[i % 3]
         if algo == "loha":
             for h in (1, 2):
-                t[f"{m}.hada_w{h}_a"] = torch.randn(48, 4, generator=g) * 0.1
-                t[f"{m}.hada_w{h}_b"] = torch.randn(4, 32, generator=g) * 0.1
+                t[f"{m}.hada_w{h}_a"] = torch.randn(48, 4, generator=g) * amp
+                t[f"{m}.hada_w{h}_b"] = torch.randn(4, 32, generator=g) * amp
         elif algo == "lokr":
-            t[f"{m}.lokr_w1"] = torch.randn(4, 4, generator=g) * 0.1
-            t[f"{m}.lokr_w2_a"] = torch.randn(12, 4, generator=g) * 0.1
-            t[f"{m}.lokr_w2_b"] = torch.randn(4, 8, generator=g) * 0.1
+            t[f"{m}.lokr_w1"] = torch.randn(4, 4, generator=g) * amp
+            t[f"{m}.lokr_w2_a"] = torch.randn(12, 4, generator=g) * amp
+            t[f"{m}.lokr_w2_b"] = torch.randn(4, 8, generator=g) * amp
         else:
-            t[f"{m}.lora_up.weight"] = torch.randn(48, 4, generator=g) * 0.1
-            t[f"{m}.lora_down.weight"] = torch.randn(4, 32, generator=g) * 0.1
+            t[f"{m}.lora_up.weight"] = torch.randn(48, 4, generator=g) * amp
+            t[f"{m}.lora_down.weight"] = torch.randn(4, 32, generator=g) * amp
         t[f"{m}.alpha"] = torch.tensor(2.0)
         if dora:
             t[f"{m}.dora_scale"] = torch.rand(48, 1, generator=g) + 0.5
-    path = tmp_path / f"n{layers}{'_dora' * dora}.safetensors"
+    path = tmp_path / f"n{layers}{'_dora' * dora}_{amp}.safetensors"
     save_file(t, str(path))
     return path
 
@@ -249,3 +250,58 @@ def test_dora_patch_reads_once_per_layer(patching, tmp_path):
     large, _ = _patch_counts(patching, _file(tmp_path, 24, dora=True), 24, device)
     grown = {k: large.get(k, 0) - small.get(k, 0) for k in set(small) | set(large)}
     assert sum(grown.values()) == 18, grown  # 24 − 6 layers: one finite check each
+
+
+@pytest.mark.parametrize("layers", [6, 24])
+def test_low_vram_partial_load_patches_on_the_fly(patching, tmp_path, layers):
+    """ComfyUI's low-VRAM mode: a partially loaded model keeps its fp16 weights unpatched and
+    each layer's forward patches a cast copy on the fly (`LowVramPatch` → our patch, fp32 sums).
+    Outputs equal x·(W0 + s·ΔW)ᵀ (ΔW in float64 by lycoris_core) to fp16 rounding, the stored
+    weights are never written, and the forwards of 24 layers read no more host values than
+    those of 6 (the patch runs in every forward: a per-layer read would show)."""
+    from importlib import import_module
+
+    import comfy.model_patcher
+    import comfy.ops
+
+    static = import_module(patching.__name__ + ".static")
+    device, s = comfy_host.DEVICE, 0.5
+    path = _file(tmp_path, layers, amp=0.5)
+    adapter, _ = static.cached_adapter(str(path))
+    g = torch.Generator().manual_seed(7)
+    root = torch.nn.Module()
+    for i in range(layers):
+        layer = comfy.ops.disable_weight_init.Linear(32, 48, bias=False, dtype=torch.float16)
+        layer.weight = torch.nn.Parameter((0.1 * torch.randn(48, 32, generator=g)).half(),
+                                          requires_grad=False)
+        root.add_module(f"l{i}", layer)
+    w0 = {k: v.detach().clone() for k, v in root.state_dict().items()}
+    patcher = comfy.model_patcher.ModelPatcher(root, load_device=device,
+                                               offload_device=torch.device("cpu"))
+    static.add_lycoris_patches(patcher, {f"l{i}.weight": (adapter.modules[f"l{i}"], s)
+                                         for i in range(layers)}, str(path))
+    x = torch.randn(5, 32, generator=g).half()
+    patcher.load(device, lowvram_model_memory=1)  # nothing fits: every layer is low-VRAM
+    try:
+        on_the_fly = [type(f).__name__ for i in range(layers)
+                      for f in getattr(root.get_submodule(f"l{i}"), "weight_function", [])]
+        assert on_the_fly == ["LowVramPatch"] * layers
+        with torch.inference_mode(), count_host_reads() as counts:
+            ys = [root.get_submodule(f"l{i}")(x.to(device)) for i in range(layers)]
+        for i, y in enumerate(ys):
+            key = f"l{i}.weight"
+            assert y.dtype == torch.float16 and y.device.type == device.type
+            assert torch.equal(root.state_dict()[key].cpu(), w0[key])  # never written
+            dw = adapter.modules[f"l{i}"].delta(torch.float64, shape=(48, 32))
+            want_change = x.double() @ (s * dw).T
+            got_change = y.cpu().double() - x.double() @ w0[key].double().T
+            # fp16: the patched weight and the output are each rounded once (≈ 1e-3 relative)
+            assert float((got_change - want_change).abs().max()) < 0.02 * float(want_change.abs().max())
+    finally:
+        patcher.unpatch_model(torch.device("cpu"))
+    _LOW_VRAM_READS[layers] = dict(counts)
+    if len(_LOW_VRAM_READS) == 2:
+        assert _LOW_VRAM_READS[24] == _LOW_VRAM_READS[6], _LOW_VRAM_READS
+
+
+_LOW_VRAM_READS: dict[int, dict] = {}
