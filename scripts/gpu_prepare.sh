@@ -16,7 +16,10 @@
 #                           the versions tested here; a pure-Python wheel wherever one exists
 #   requirements-gpu.txt    those distributions, name==version
 #   gpu_check.sh            the check itself
-# Wheels are only downloaded (pip download), never installed here. Size goal: 50 MiB.
+# Wheels are only downloaded (pip download), never installed here. Size goal: 50 MiB; scipy and av
+# (binary, both needed at ComfyUI's import) alone take ~70 MiB as wheels, ~50 MiB packed, so the
+# folder only fits when the GPU machine has some of them: LYCORIS_GPU_HAVE="scipy av" leaves them
+# out (a space-separated list of distributions that machine already has).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -56,6 +59,11 @@ echo "[gpu_prepare] listing what the tests import on each host"
 { LYCORIS_COMFYUI_DIR="$HOST1_DIR" "$HOST1_PY" scripts/gpu_wheels.py
   LYCORIS_COMFYUI_DIR="$HOST2_DIR" "$HOST2_PY" scripts/gpu_wheels.py; } 2>/dev/null \
   | sort -u > "$STAGE/requirements-gpu.txt"
+for name in ${LYCORIS_GPU_HAVE:-}; do
+  echo "[gpu_prepare] left out (LYCORIS_GPU_HAVE: the GPU machine has it): $(grep -i "^$name==" "$STAGE/requirements-gpu.txt" || echo "$name (not needed)")"
+  grep -iv "^$name==" "$STAGE/requirements-gpu.txt" > "$TMP/req" || true
+  mv "$TMP/req" "$STAGE/requirements-gpu.txt"
+done
 dupes="$(cut -d= -f1 "$STAGE/requirements-gpu.txt" | uniq -d)"
 [ -z "$dupes" ] || { echo "[gpu_prepare] the hosts need different versions of: $dupes" >&2; exit 1; }
 
