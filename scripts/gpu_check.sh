@@ -21,8 +21,8 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 PY="${PYTHON:-}"
-if [ -z "$PY" ]; then
-  PY=python3.12; command -v "$PY" >/dev/null 2>&1 || PY=python3
+if [ -z "$PY" ]; then  # the first that runs (a pyenv shim can exist and refuse to run)
+  for PY in python3.12 python3; do "$PY" -c pass >/dev/null 2>&1 && break; done
 fi
 GPU_TESTS="${LYCORIS_GPU_TESTS:-test_device_paths.py test_loaders_patch.py test_loaders_golden.py \
 test_loaders_tiny.py test_loaders_dit.py test_bypass_host.py test_schedule_host.py \
