@@ -189,8 +189,11 @@ def build_model(mods: dict):
         layer.weight = torch.nn.Parameter(torch.empty(shape, dtype=torch.float16).normal_(
             0, 0.02, generator=g), requires_grad=False)
         place(root, key[: -len(".weight")], layer)
-    dev = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(root, load_device=dev, offload_device=dev)
+    from .common import bench_device
+
+    # loaded (and patched) on the bench device, offloaded to the CPU, as ComfyUI does on a GPU
+    return comfy.model_patcher.ModelPatcher(root, load_device=bench_device(),
+                                            offload_device=torch.device("cpu"))
 
 
 def comfy_load(patcher, path: str, mods: dict):

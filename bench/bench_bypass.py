@@ -40,7 +40,16 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .common import comfy_host, interleaved, machine_info, row, summarise, write_json
+from .common import (
+    bench_device,
+    comfy_host,
+    interleaved,
+    machine_info,
+    peak_vram,
+    row,
+    summarise,
+    write_json,
+)
 
 BENCH = "bypass forward overhead per layer vs ComfyUI 0.28's bypass (fraction of the layer)"
 STRATEGY_BENCH = "LoHa bypass strategy: Khatri–Rao vs dense ΔW (cost model check)"
@@ -155,9 +164,11 @@ class _Setup:
         ops = comfy.ops.disable_weight_init
         g = torch.Generator().manual_seed(1)
         shape = case.shape
-        w = torch.nn.Parameter(torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:])),
-                               requires_grad=False)
-        bias = torch.nn.Parameter(0.02 * torch.randn(shape[0], generator=g), requires_grad=False)
+        dev = bench_device()  # the layer and its input there; the adapter's factors stay on the CPU
+        w = torch.nn.Parameter((torch.randn(shape, generator=g) / math.sqrt(math.prod(shape[1:])))
+                               .to(dev), requires_grad=False)
+        bias = torch.nn.Parameter((0.02 * torch.randn(shape[0], generator=g)).to(dev),
+                                  requires_grad=False)
 
         def layer():
             if len(shape) == 2:
@@ -171,11 +182,10 @@ class _Setup:
         side = int(math.isqrt(case.tokens))
         gx = torch.Generator().manual_seed(2)
         self.x = (torch.randn(1, case.tokens, shape[1], generator=gx) if len(shape) == 2
-                  else torch.randn(1, shape[1], side, side, generator=gx))
+                  else torch.randn(1, shape[1], side, side, generator=gx)).to(dev)
         # ours: the pack's injection on a real ModelPatcher
         root = torch.nn.Module()
         root.add_module("layer", self.ours)
-        dev = torch.device("cpu")
         self.patcher = comfy.model_patcher.ModelPatcher(root, load_device=dev, offload_device=dev)
         module = lc.adapter_from_tensors(tensors).modules["m"]
         geometry = bypass.geometry_of(self.ours, shape)
@@ -190,8 +200,8 @@ class _Setup:
             import comfy.weight_adapter as wa
 
             cls = {"loha": wa.LoHaAdapter, "lokr": wa.LoKrAdapter, "lora": wa.LoRAAdapter}[case.algo]
-            adapter = self.core_adapter = cls.load("m", dict(tensors), alpha,
-                                                   tensors.get("m.dora_scale"))
+            on_dev = {k: v.to(dev) for k, v in tensors.items()}
+            adapter = self.core_adapter = cls.load("m", on_dev, alpha, on_dev.get("m.dora_scale"))
             core_root = torch.nn.Module()
             core_root.add_module("layer", self.core)
             manager = wa.BypassInjectionManager()
@@ -243,6 +253,8 @@ def run_case(host, case: Case, repeats: int, target_s: float) -> dict:
                 fns["core"] = lambda: ad.g(base_out + ad.h(s.x, base_out))
                 fns["core layer+bypass"] = lambda: s.core(s.x)
             st = interleaved(fns, repeats=repeats, warmup=1, target_s=target_s)
+            vram = {k: peak_vram(fns[k]) for k in ("ours", "core") if k in fns} \
+                if bench_device().type == "cuda" else None
     finally:
         s.close()
     layer = st["layer"].median
@@ -261,7 +273,7 @@ def run_case(host, case: Case, repeats: int, target_s: float) -> dict:
             core_ms=st["core"].ms if "core" in st else None,
             ratio_quartiles=[pair.q1, pair.q3] if pair else None,
             ours_error=ours_err, core_error=core_err, note=note, tokens=case.tokens,
-            shape=list(case.shape))
+            shape=list(case.shape), device=bench_device().type, peak_vram_bytes=vram)
     print(f"  {case.name}: layer {st['layer'].ms:.2f} ms, ours {frac['ours']:.3f}×"
           + (f", core {frac['core']:.3f}×, ours/core {pair.median:.2f} (IQR {pair.q1:.2f}–"
              f"{pair.q3:.2f}), whole layer ours/core {whole.median:.2f}" if pair else ", core —")
@@ -289,8 +301,8 @@ def run_strategy(shape, rank: int, tokens: int, repeats: int, target_s: float) -
     tensors, _ = adapter_tensors(case)
     module = lc.adapter_from_tensors(tensors).modules["m"]
     layer = LayerGeometry.linear(*shape)
-    f = module.factors("cpu", torch.float32)
-    x = torch.randn(1, tokens, shape[1], generator=torch.Generator().manual_seed(3))
+    f = module.factors(bench_device(), torch.float32)
+    x = torch.randn(1, tokens, shape[1], generator=torch.Generator().manual_seed(3)).to(bench_device())
     with torch.inference_mode():
         ref = loha.bypass_diff(x, f, layer, 0.5, "dense")
         assert float((loha.bypass_diff(x, f, layer, 0.5, "khatri_rao") - ref).abs().max()

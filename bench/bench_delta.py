@@ -43,7 +43,17 @@ from lycoris_core.algos import loha as loha_algo
 from lycoris_core.algos import lokr as lokr_algo
 from lycoris_core.algos import lora as lora_algo
 
-from .common import comfy_host, copy_bandwidth, interleaved, paired_ratio, ratio, row, summarise
+from .common import (
+    bench_device,
+    comfy_host,
+    copy_bandwidth,
+    interleaved,
+    paired_ratio,
+    peak_vram,
+    ratio,
+    row,
+    summarise,
+)
 
 BENCH = "ΔW reconstruction (ms, float32)"
 MODULE = "lora_unet_bench_layer"
@@ -147,9 +157,12 @@ def tiny_cases() -> list[Case]:
 
 # ------------------------------------------------------------------------------- contestants
 def file_tensors(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
-    """The case's tensors as a file holds them (float32, seeded, ΔW entries around 1e-2)."""
+    """The case's tensors as a file holds them (float32, seeded, ΔW entries around 1e-2), on the
+    bench device (`--device`: the factors of a loaded adapter sit where its weights are)."""
     g = torch.Generator().manual_seed(seed)
-    out = {f"{MODULE}.{k}": torch.randn(*s, generator=g) * 0.1 for k, s in case.parts.items()}
+    dev = bench_device()
+    out = {f"{MODULE}.{k}": (torch.randn(*s, generator=g) * 0.1).to(dev)
+           for k, s in case.parts.items()}
     out[f"{MODULE}.alpha"] = torch.tensor(case.alpha)
     return out
 
@@ -209,28 +222,29 @@ def contestants(case: Case, with_comfy: bool = True) -> tuple[dict[str, Callable
     """The timed callables of one case, and the agreement check's results."""
     tensors = file_tensors(case)
     module = adapter_from_tensors(tensors).modules[MODULE]
-    algo, f, scale = ALGOS[case.algo], module.factors(), module.scale
+    dev = bench_device()
+    algo, f, scale = ALGOS[case.algo], module.factors(dev), module.scale
     ly, ly_fix = _lycoris_fn(case, f, scale)
 
     want = algo.diff_weight(f, scale).reshape(case.shape)
-    check = {"pack .delta()": _rel_err(module.delta(shape=case.shape), want),
+    check = {"pack .delta()": _rel_err(module.delta(shape=case.shape, device=dev), want),
              "lycoris": _rel_err(ly() * ly_fix, want)}
     fns: dict[str, Callable] = {
         "pack": lambda: algo.diff_weight(f, scale),
-        "pack .delta()": lambda: module.delta(shape=case.shape),
+        "pack .delta()": lambda: module.delta(shape=case.shape, device=dev),
         "lycoris": ly,
-        "floor": lambda: buffers.empty(case.shape).fill_(0.0),
+        "floor": lambda: buffers.empty(case.shape, device=dev).fill_(0.0),
     }
-    if buffers.is_large(math.prod(case.shape), torch.float32):
+    if buffers.is_large(math.prod(case.shape), torch.float32) and dev.type == "cpu":
         fns["pack cold"] = _cold(fns["pack"])
     if with_comfy:
         patch = _patch_class()(module, "bench")
-        w_pack = torch.zeros(case.shape)
+        w_pack = torch.zeros(case.shape, device=dev)
         check["pack patch"] = _rel_err(patch.calculate_weight(w_pack, "bench", 1.0, 1.0, None,
                                                               None), want)
         fns["pack patch"] = lambda: patch.calculate_weight(w_pack, "bench", 1.0, 1.0, None, None)
         comfy = _comfy_adapter(case, tensors)
-        w_comfy = torch.zeros(case.shape)
+        w_comfy = torch.zeros(case.shape, device=dev)
         logger = logging.getLogger()
         level = logger.level
         logger.setLevel(logging.CRITICAL)  # ComfyUI logs (not raises) its LoKr-Tucker failure
@@ -268,7 +282,7 @@ def run(case_list: list[Case], *, repeats: int = 25, target_s: float = 0.01,
     """
     bandwidth = bandwidth or copy_bandwidth()
     n = min(bandwidth["buffer_bytes"], COPY_BYTES) // 4
-    src, dst = torch.ones(n), torch.zeros(n)
+    src, dst = torch.ones(n, device=bench_device()), torch.zeros(n, device=bench_device())
     rows = []
     for case in case_list:
         fns, check = contestants(case, with_comfy)
@@ -289,7 +303,10 @@ def run(case_list: list[Case], *, repeats: int = 25, target_s: float = 0.01,
             **{name: p.median if p else None for name, p in paired.items()},
             "pack/floor": ratio(ms["pack"], ms["floor"]),
         }
+        vram = {k: peak_vram(fns[k]) for k in ("pack", "lycoris", "pack patch", "comfyui ΔW+add")
+                if k in fns} if bench_device().type == "cuda" else None
         rows.append(row(BENCH, case.name, ms["pack"], refs, "ms", ratios, agreement=check,
+                        device=bench_device().type, peak_vram_bytes=vram,
                         quartiles_ms={k: (v.q1 * 1e3, v.q3 * 1e3) for k, v in st.items()},
                         faults_per_call={k: v.faults for k, v in st.items()},
                         ratio_quartiles={k: (p.q1, p.q3) for k, p in paired.items() if p},

@@ -48,6 +48,7 @@ def _boot():
     from bench import common
 
     torch.set_num_threads(1)
+    common.use_device(common.bench_device().type)  # a GPU run: synchronised timers here too
     common.comfy_host()
     import comfy_host
 
@@ -240,7 +241,10 @@ def bench_lokr_bypass(tokens: int, reps: int) -> list[dict]:
             with torch.no_grad():
                 for p in m.parameters():
                     p.add_(0.01 * torch.randn_like(p))
-            x = torch.randn(1, tokens, shape[1], requires_grad=True)
+            from bench.common import bench_device
+
+            m = m.to(bench_device())
+            x = torch.randn(1, tokens, shape[1], device=bench_device(), requires_grad=True)
             best = float("inf")
             for _ in range(reps + 1):
                 t = time.perf_counter()

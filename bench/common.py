@@ -87,10 +87,72 @@ def default_clock() -> str:
 
 def _time_calls(fn: Callable[[], object], number: int, clock: str = "wall") -> float:
     now = CLOCKS[clock]
+    sync()  # on a GPU: the clock starts and stops with the device's queue empty
     t0 = now()
     for _ in range(number):
         fn()
+    sync()
     return (now() - t0) / number
+
+
+# ------------------------------------------------------------------------------------- device
+DEVICE_ENV = "LYCORIS_BENCH_DEVICE"
+"""`cpu` (default) or `cuda`: where the benches run (`python -m bench.run --device cuda`)."""
+
+
+def bench_device() -> torch.device:
+    """The device the benches put their tensors on ($LYCORIS_BENCH_DEVICE, default cpu)."""
+    return torch.device(os.environ.get(DEVICE_ENV, "").strip().lower() or "cpu")
+
+
+def check_device(name: str) -> torch.device:
+    """`name` as a torch.device the benches can use; a clear error otherwise (no CUDA device)."""
+    if name not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda, not {name!r}")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"--device cuda: torch {torch.__version__} finds no CUDA device "
+                           "(torch.cuda.is_available() is False); use --device cpu")
+    return torch.device(name)
+
+
+def use_device(name: str) -> torch.device:
+    """Run this process's benches on `name` (checked): tensors of the benches on it, ComfyUI
+    booted on it (tests/comfy_host reads $LYCORIS_TEST_DEVICE), and on a GPU every wall-clock
+    read synchronised with the device (`time.perf_counter` and the `wall` clock wait for the
+    queue to drain first), so timers measure finished work, not queued launches."""
+    device = check_device(name)
+    os.environ[DEVICE_ENV] = os.environ["LYCORIS_TEST_DEVICE"] = device.type
+    if device.type == "cuda" and not getattr(time.perf_counter, "synchronised", False):
+        raw = time.perf_counter
+
+        def perf_counter() -> float:
+            torch.cuda.synchronize()
+            return raw()
+
+        perf_counter.synchronised = True
+        time.perf_counter = CLOCKS["wall"] = perf_counter
+        torch.backends.cuda.matmul.allow_tf32 = False  # the agreement checks use float32's TOL
+        torch.backends.cudnn.allow_tf32 = False
+    return device
+
+
+def sync() -> None:
+    """Wait for the bench device's queued work (no-op on the CPU)."""
+    if bench_device().type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_vram(fn: Callable[[], object]) -> int | None:
+    """Bytes of device memory `fn()` allocates at its peak above what was allocated before
+    (torch.cuda.max_memory_allocated); None on the CPU."""
+    if bench_device().type != "cuda":
+        return None
+    sync()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    sync()
+    return torch.cuda.max_memory_allocated() - base
 
 
 def calibrate(fn: Callable[[], object], target_s: float) -> int:
@@ -172,8 +234,8 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 7) -> dict:
     reports `clone()` (a fresh allocation each time, so page faults included) for context.
     """
     n = nbytes // 4
-    src = torch.ones(n)
-    dst = torch.zeros(n)
+    src = torch.ones(n, device=bench_device())
+    dst = torch.zeros(n, device=bench_device())
     stats = interleaved({"copy_": lambda: dst.copy_(src), "clone": lambda: src.clone()},
                         repeats=repeats, target_s=0.05)
     copy_s, clone_s = stats["copy_"].median, stats["clone"].median

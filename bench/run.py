@@ -3,6 +3,7 @@
     .venv/bin/python -m bench.run            # full run (< 15 min on 2 CPU cores)
     .venv/bin/python -m bench.run --quick    # smaller shapes and fewer rounds (< 2 min idle)
     .venv/bin/python -m bench.run --only delta convert --threads 1
+    python -m bench.run --device cuda --quick   # on a GPU: ΔW, apply, bypass, schedule, train
 
 Each bench runs in its own child process (memory peaks and ComfyUI state cannot leak from one
 bench into the next). A bench module exposes `main(quick=...)` returning {"rows": [...], ...}
@@ -29,6 +30,7 @@ from .common import (
     HOSTS_ENV,
     RESULTS_DIR,
     ROOT,
+    check_device,
     default_clock,
     format_table,
     hosts_env,
@@ -64,6 +66,8 @@ CHILD_ENV: dict[str, dict[str, str]] = {
 TIMEOUT_S = 900
 TIMEOUT_OVERRIDE_S = {"schedule_memory": 3600}
 """Benches that build the full SDXL model in several child processes (about 10 GB each)."""
+DEVICE_BENCHES = ("delta", "apply", "bypass", "schedule", "train")
+"""The benches `--device cuda` runs on the GPU (bake and convert are file work on the CPU)."""
 
 
 def _train_result(module, quick: bool) -> dict:
@@ -159,9 +163,14 @@ def _rows_of(name: str, result) -> list[dict]:
     return []
 
 
-def _child(name: str, quick: bool, out: str) -> None:
-    """Child process: run one bench, write {"status", "seconds", "result"|"error"} to `out`."""
+def _child(name: str, quick: bool, out: str, device: str = "cpu") -> None:
+    """Child process: run one bench, write {"status", "seconds", "result"|"error"} to `out`
+    (on a GPU also "peak_vram_bytes": torch.cuda.max_memory_allocated over the whole bench)."""
+    from .common import use_device
+
+    use_device(device)
     t0 = time.perf_counter()
+    res: dict = {}
     try:
         module = importlib.import_module(BENCHES[name])
         res = {"status": "ok", "result": _call_entry(module, quick)}
@@ -172,6 +181,10 @@ def _child(name: str, quick: bool, out: str) -> None:
     except Exception:  # reported by the parent; one broken bench must not hide the others
         res = {"status": "failed", "error": traceback.format_exc()}
     res["seconds"] = time.perf_counter() - t0
+    if device == "cuda":
+        import torch
+
+        res["peak_vram_bytes"] = torch.cuda.max_memory_allocated()
     write_json(res, Path(out).stem, Path(out).parent)
 
 
@@ -187,7 +200,7 @@ def current_comfyui() -> tuple[str, dict[str, str]] | str:
     return python, {"LYCORIS_COMFYUI_DIR": tree}
 
 
-def run_bench(name: str, quick: bool, threads: int | None) -> dict:
+def run_bench(name: str, quick: bool, threads: int | None, device: str = "cpu") -> dict:
     """One bench in a child process; its status, seconds, result or error."""
     python, host_env = sys.executable, {}
     if name in ON_CURRENT_COMFYUI | PREFER_CURRENT_COMFYUI:
@@ -201,6 +214,7 @@ def run_bench(name: str, quick: bool, threads: int | None) -> dict:
         cmd = [python, "-m", "bench.run", "--child", name, "--out", str(out)]
         cmd += ["--quick"] if quick else []
         cmd += ["--threads", str(threads)] if threads else []
+        cmd += ["--device", device] if device != "cpu" else []
         env = {**os.environ, **CHILD_ENV.get(name, {}), **host_env}
         t0 = time.perf_counter()
         try:
@@ -284,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                          "machine busy with other jobs; use with --threads 1)")
     ap.add_argument("--name", default=None,
                     help="JSON file name under bench/results/ (default: latest or quick)")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                    help="cpu (default) or cuda: the ΔW, apply, bypass, schedule and train benches "
+                         "on the GPU (synchronised timers, peak VRAM); an error without a GPU")
     ap.add_argument("--child", choices=sorted(BENCHES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -294,16 +311,26 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
     if args.child:
-        _child(args.child, args.quick, args.out)
+        _child(args.child, args.quick, args.out, args.device)
         return 0
+    try:
+        check_device(args.device)
+    except RuntimeError as exc:
+        print(f"bench.run: {exc}", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     results, rows = {}, []
     for name in BENCHES:
         if args.only and name not in args.only:
             continue
+        if args.device == "cuda" and name not in DEVICE_BENCHES:
+            print(f"[bench] {name}: not run on cuda (CPU file work)", file=sys.stderr, flush=True)
+            continue
         print(f"[bench] {name} …", file=sys.stderr, flush=True)
-        res = run_bench(name, args.quick, args.threads)
-        print(f"[bench] {name}: {res['status']} in {res['seconds']:.0f} s", file=sys.stderr,
+        res = run_bench(name, args.quick, args.threads, args.device)
+        vram = (f", peak VRAM {res['peak_vram_bytes'] / 2**20:.0f} MiB"
+                if "peak_vram_bytes" in res else "")
+        print(f"[bench] {name}: {res['status']} in {res['seconds']:.0f} s{vram}", file=sys.stderr,
               flush=True)
         results[name] = res
         rows += _rows_of(name, res.get("result"))
@@ -323,10 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     if bchecks:
         print("\nbypass targets (overhead ≤ ComfyUI core's bypass; schedule ≤ 1.02×; memory):")
         print("\n".join("  " + c for c in bchecks))
+    if args.device == "cuda":
+        print("\npeak VRAM per bench (torch.cuda.max_memory_allocated): " + ", ".join(
+            f"{n} {r['peak_vram_bytes'] / 2**20:.0f} MiB" for n, r in results.items()
+            if "peak_vram_bytes" in r))
     for name, res in results.items():
         if res["status"] != "ok":
             print(f"\n{name}: {res['status']}: {res['error'].strip().splitlines()[-1]}")
     path = write_json({"machine": machine_info(), "quick": args.quick, "seconds": total,
+                       "device": args.device,
                        "threads": args.threads, "clock": default_clock(), "benches": results, "rows": rows,
                        "targets": checks, "bypass_targets": bchecks},
                       args.name or ("quick" if args.quick else "latest"), RESULTS_DIR)

@@ -43,6 +43,38 @@ CURRENT = VERSION_TUPLE >= (0, 4)
 """True on the current-ComfyUI host (0.28+: real Anima, comfy-kitchen ops, core bypass adapters)."""
 HOST_NAME = f"ComfyUI {VERSION}"
 
+TEST_DEVICE = os.environ.get("LYCORIS_TEST_DEVICE", "").strip().lower() or "cpu"
+"""Where ComfyUI runs the host-exercising tests: `cpu` (default: `--cpu`) or `cuda` (ComfyUI on
+the GPU, as users run it). Set by `LYCORIS_TEST_DEVICE`; tests that need no host stay on the CPU."""
+LOW_VRAM = os.environ.get("LYCORIS_TEST_VRAM", "").strip().lower() == "low"
+"""`LYCORIS_TEST_VRAM=low` (cuda only): ComfyUI boots with `--novram`, so every model is loaded
+partially and its weights are patched on the fly at each forward (LowVramPatch), the path users
+with little VRAM take."""
+
+
+def check_device() -> None:
+    """Raise a clear error when the test device cannot be used (never skip silently)."""
+    import torch
+
+    if TEST_DEVICE not in ("cpu", "cuda"):
+        raise RuntimeError(f"LYCORIS_TEST_DEVICE must be cpu or cuda, not {TEST_DEVICE!r}")
+    if TEST_DEVICE == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"LYCORIS_TEST_DEVICE=cuda, but torch {torch.__version__} finds no CUDA "
+                           "device (torch.cuda.is_available() is False); unset it to test on CPU")
+    if LOW_VRAM and TEST_DEVICE != "cuda":
+        raise RuntimeError("LYCORIS_TEST_VRAM=low needs LYCORIS_TEST_DEVICE=cuda (low-VRAM partial "
+                           "loading only happens on a GPU)")
+
+
+def _device():
+    import torch
+
+    return torch.device("cuda" if TEST_DEVICE == "cuda" else "cpu")
+
+
+DEVICE = _device()
+"""torch.device of the test device (ComfyUI's load device when booted on it)."""
+
 
 def at_least(version: str) -> bool:
     """Whether the host's ComfyUI is `version` or newer."""
@@ -61,16 +93,26 @@ _HOST: Host | None = None
 
 
 def boot(base_dir: Path) -> Host:
-    """Import ComfyUI headless on CPU with `base_dir` as its base directory (once per process)."""
+    """Import ComfyUI headless with `base_dir` as its base directory (once per process), on the
+    CPU, or on the GPU with `LYCORIS_TEST_DEVICE=cuda` (`--novram` with `LYCORIS_TEST_VRAM=low`)."""
     global _HOST
     if _HOST is not None:
         return _HOST
+    check_device()
     if not (COMFY_DIR / "comfy" / "lora.py").is_file():
         raise RuntimeError(f"ComfyUI not found at {COMFY_DIR}: run scripts/bootstrap.sh")
     sys.path.insert(0, str(COMFY_DIR))
     from comfy.cli_args import args
 
-    args.cpu = True
+    args.cpu = TEST_DEVICE == "cpu"
+    if LOW_VRAM:
+        args.novram = True
+    if TEST_DEVICE == "cuda":
+        import torch
+
+        # float32 matmuls in full precision: the tolerances are float32's, not TF32's (10 bits)
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     args.base_directory = str(base_dir)
     args.disable_smart_memory = True
     for sub in ("models/loras", "models/checkpoints", "output", "input", "temp", "user"):

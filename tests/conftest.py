@@ -35,17 +35,45 @@ def _cpu() -> str:
             f"{n} thread{'s' * (n != 1)}" + (f"; {env}" if env else ""))
 
 
+def _device() -> str:
+    """The test device (LYCORIS_TEST_DEVICE) and, on CUDA, the GPU and the low-VRAM setting."""
+    import comfy_host
+
+    if comfy_host.TEST_DEVICE != "cuda":
+        return "device cpu"
+    import torch
+
+    vram = ", low VRAM (--novram: partial loading)" if comfy_host.LOW_VRAM else ""
+    return f"device cuda ({torch.cuda.get_device_name(0)}, TF32 off{vram})"
+
+
+def pytest_configure(config):
+    """A test device that cannot be used is a usage error before any test runs (no skips)."""
+    import comfy_host
+
+    try:
+        comfy_host.check_device()
+    except RuntimeError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    if comfy_host.TEST_DEVICE == "cuda":
+        import torch
+
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 tolerances, not TF32's
+        torch.backends.cudnn.allow_tf32 = False
+        config.option.reportchars = (config.option.reportchars or "") + "sfE"  # every skip named
+
+
 def pytest_report_header(config):
     import comfy_host
 
-    return [f"host: {comfy_host.HOST_NAME} ({comfy_host.COMFY_DIR})", _cpu()]
+    return [f"host: {comfy_host.HOST_NAME} ({comfy_host.COMFY_DIR})", _cpu(), _device()]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     import comfy_host
 
     counts = {k: len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "error", "skipped")}
-    terminalreporter.write_line(f"host {comfy_host.HOST_NAME} ({_cpu()}): " + ", ".join(
+    terminalreporter.write_line(f"host {comfy_host.HOST_NAME} ({_cpu()}; {_device()}): " + ", ".join(
         f"{n} {k}" for k, n in counts.items() if n) + f" (exit status {int(exitstatus)})")
 
 

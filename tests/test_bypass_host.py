@@ -84,8 +84,10 @@ def _golden_layer(case_key: str, shape: tuple[int, ...], w0: torch.Tensor):
                                                            .manual_seed(1)), requires_grad=False)
     root = torch.nn.Module()
     place(root, path, layer)
-    dev = torch.device("cpu")
-    return comfy.model_patcher.ModelPatcher(root, load_device=dev, offload_device=dev), layer
+    import comfy_host  # the test device (LYCORIS_TEST_DEVICE): loaded there, offloaded to the CPU
+
+    return comfy.model_patcher.ModelPatcher(root, load_device=comfy_host.DEVICE,
+                                            offload_device=torch.device("cpu")), layer
 
 
 def _run_layer(patcher, layer, x):
@@ -94,7 +96,7 @@ def _run_layer(patcher, layer, x):
     mm.load_models_gpu([patcher], force_full_load=True)
     try:
         with torch.inference_mode():
-            y = layer(x).clone()
+            y = layer(x.to(layer.weight.device)).cpu().clone()
         backups = len(patcher.backup)
     finally:
         mm.unload_all_models()

@@ -8,6 +8,7 @@ Subclasses only declare their tensors, check shapes and supply the pure ΔW func
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
@@ -27,6 +28,19 @@ class TensorSource(Protocol):
     def get(self, key: str, device: str | torch.device = "cpu") -> torch.Tensor: ...
 
 
+_MAX_ABS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""source → {key: max |entry|} of the floating tensors read so far (each checked finite once)."""
+
+
+@dataclass(frozen=True)
+class Magnitude:
+    """What a magnitude bound needs of a tensor (`loha.magnitude_bound`): its shape and its
+    largest |entry|, known without touching a copy of it on any device."""
+
+    shape: tuple[int, ...]
+    max_abs: float
+
+
 @dataclass(frozen=True)
 class TensorRef:
     """A tensor known by key and shape; its data is read only by `load()`."""
@@ -39,13 +53,40 @@ class TensorRef:
     def ndim(self) -> int:
         return len(self.shape)
 
+    def _record(self, t: torch.Tensor) -> float:
+        """max |t| of the stored (CPU) tensor, kept per source and key; NaN/Inf raise."""
+        m = float(t.detach().abs().amax()) if t.numel() else 0.0
+        if not math.isfinite(m):
+            raise AdapterError("tensor holds NaN or Inf values", file=self.source.path, key=self.key)
+        _MAX_ABS.setdefault(self.source, {})[self.key] = m
+        return m
+
+    def max_abs(self) -> float:
+        """The largest |entry| of the tensor as stored (read on the CPU once, then remembered);
+        raises `AdapterError` when it holds NaN or Inf."""
+        m = _MAX_ABS.get(self.source, {}).get(self.key)
+        return self._record(self.source.get(self.key)) if m is None else m
+
     def load(self, device: str | torch.device = "cpu",
              dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """The tensor on `device`, cast to `dtype` (None: as stored), checked finite."""
-        t = self.source.get(self.key, device=device)
+        """The tensor on `device`, cast to `dtype` (None: as stored), checked finite.
+
+        The check is made once per tensor on the CPU copy the source hands out (`max_abs`), never
+        on `device`: loading factors onto an accelerator costs no host synchronisation."""
+        m = _MAX_ABS.get(self.source, {}).get(self.key)
+        if m is not None:
+            t = self.source.get(self.key, device=device)
+        else:
+            t = self.source.get(self.key)
+            if t.is_floating_point():
+                m = self._record(t)
+            t = t.to(device)
+        stored = t.dtype
         if dtype is not None and (t.is_floating_point() or dtype.is_floating_point):
             t = t.to(dtype)
-        if t.is_floating_point() and not all_finite(t):
+        if m is not None and t.is_floating_point() and stored.is_floating_point \
+                and torch.finfo(t.dtype).max < torch.finfo(stored).max \
+                and not m < torch.finfo(t.dtype).max:  # narrowed (float64 → float32): now Inf
             raise AdapterError("tensor holds NaN or Inf values", file=self.source.path, key=self.key)
         return t
 
@@ -116,12 +157,26 @@ class AdapterModule:
         """scale · ΔW in `natural_shape`."""
         return self._diff_of(self.factors(device, dtype), scale)
 
-    def delta_may_overflow(self, factors, dtype: torch.dtype = torch.float32) -> bool:
-        """Whether ΔW at this module's scale, built from its (finite) `factors`, could hold NaN/Inf
-        in `dtype`. When not, ΔW needs no check of its own. The factors' magnitude bound is
-        computed once per module: its tensors never change (the reader checks the file)."""
+    def _build_factors(self, ld: Callable[[TensorRef | None], object]):  # pragma: no cover
+        """The algorithm's factors dataclass with `ld(ref)` for each of its tensors."""
+        raise NotImplementedError
+
+    def factors(self, device: str | torch.device = "cpu", dtype: torch.dtype | None = torch.float32):
+        """The factors on `device` in `dtype` (None: as stored), each checked finite."""
+        return self._build_factors(lambda r: None if r is None else r.load(device, dtype))
+
+    def magnitudes(self):
+        """The factors dataclass holding a `Magnitude` (shape, max |entry|) per tensor: all that
+        `max_abs_bound` needs, read on the CPU once per tensor, never from a device copy."""
+        return self._build_factors(lambda r: None if r is None else Magnitude(r.shape, r.max_abs()))
+
+    def delta_may_overflow(self, factors=None, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether ΔW at this module's scale could hold NaN/Inf in `dtype`. When not, ΔW needs no
+        check of its own. The bound comes from the stored tensors' magnitudes (`magnitudes`),
+        computed once per module: no pass over, and no host read of, factors on a device.
+        (`factors` is accepted for compatibility and not used.)"""
         if self._unit_bound is None:
-            self._unit_bound = self.max_abs_bound(factors)
+            self._unit_bound = self.max_abs_bound(self.magnitudes())
         return may_overflow(abs(self.scale) * self._unit_bound, dtype)
 
     def describe(self) -> dict:
@@ -217,7 +272,7 @@ class AdapterModule:
         dw = self._diff_of(factors, self.scale).reshape(self.resolved_shape(shape))
         # The factors were checked finite when loaded. If their magnitude bound shows ΔW cannot
         # reach the dtype's range, ΔW is finite without looking at it; otherwise it is checked.
-        check = self.delta_may_overflow(factors, cdt)
+        check = self.delta_may_overflow(dtype=cdt)
         if self.dora_ref is not None:
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
@@ -273,7 +328,7 @@ class AdapterModule:
     def check_delta_finite(self, shape: tuple[int, ...] | None = None) -> None:
         """Raise the `AdapterError` that `delta()` raises when ΔW overflows float32 — only built
         when the factors' magnitude bound says it could (bypass never builds ΔW otherwise)."""
-        if self.delta_may_overflow(self.factors("cpu", torch.float32)):
+        if self.delta_may_overflow():
             if not all_finite(self.raw_delta(torch.float32, shape=shape)):
                 raise AdapterError(f"module '{self.name}': ΔW overflows float32 (NaN or Inf)",
                                    file=self.path, key=self.name)

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AdapterError
 from . import buffers
-from .base import AdapterModule, TensorRef
+from .base import AdapterModule, Magnitude, TensorRef
 from .layer import LayerGeometry
 from .norms import hadamard_norm_sq
 
@@ -50,11 +50,13 @@ def rebuild_tucker(t: torch.Tensor, w_a: torch.Tensor, w_b: torch.Tensor) -> tor
     return out.reshape(w_a.shape[1], w_b.shape[1], *t.shape[2:])
 
 
-def magnitude_bound(scale: float, inner: int, *ts: torch.Tensor) -> float:
+def magnitude_bound(scale: float, inner: int, *ts: torch.Tensor | Magnitude) -> float:
     """|scale| · inner · Π max|t|: a bound on every entry of a product chain of the `ts` whose
     contracted dimensions have `inner` terms in all (R for a @ b, R·R' for a Tucker chain).
-    ΔW's overflow check is skipped when this is far below the dtype's largest value."""
-    return abs(scale) * inner * math.prod(float(t.detach().abs().max()) for t in ts)
+    ΔW's overflow check is skipped when this is far below the dtype's largest value. A `ts` entry
+    may be a `Magnitude` (`AdapterModule.magnitudes`: max|t| known, no tensor read)."""
+    return abs(scale) * inner * math.prod(
+        t.max_abs if isinstance(t, Magnitude) else float(t.detach().abs().max()) for t in ts)
 
 
 def needs_grad(*ts: torch.Tensor) -> bool:
@@ -298,8 +300,7 @@ class LoHaModule(AdapterModule):
         b = self.hada_w1_b.shape
         return (self._out(1), *b[1:]) if len(b) > 2 else (self._out(1), b[1])
 
-    def factors(self, device="cpu", dtype=torch.float32) -> LoHaFactors:
-        ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
+    def _build_factors(self, ld) -> LoHaFactors:
         return LoHaFactors(ld(self.hada_w1_a), ld(self.hada_w1_b), ld(self.hada_w2_a),
                            ld(self.hada_w2_b), ld(self.hada_t1), ld(self.hada_t2))
 

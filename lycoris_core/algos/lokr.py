@@ -296,8 +296,7 @@ class LoKrModule(AdapterModule):
             return -1
         return a if a == c else f"{a}x{c}"
 
-    def factors(self, device="cpu", dtype=torch.float32) -> LoKrFactors:
-        ld = lambda r: None if r is None else r.load(device, dtype)  # noqa: E731
+    def _build_factors(self, ld) -> LoKrFactors:
         return LoKrFactors(*(ld(getattr(self, n)) for n in self.tensor_names))
 
     def describe(self) -> dict:

@@ -118,9 +118,8 @@ class LoRAModule(AdapterModule):
         d = self.lora_down.shape
         return (o, *d[1:]) if len(d) > 2 else (o, d[1])
 
-    def factors(self, device="cpu", dtype=torch.float32) -> LoRAFactors:
-        mid = self.lora_mid.load(device, dtype) if self.lora_mid is not None else None
-        return LoRAFactors(self.lora_up.load(device, dtype), self.lora_down.load(device, dtype), mid)
+    def _build_factors(self, ld) -> LoRAFactors:
+        return LoRAFactors(ld(self.lora_up), ld(self.lora_down), ld(self.lora_mid))
 
     def describe(self) -> dict:
         return {"mode": "tucker" if self.lora_mid is not None else "flat"}

@@ -74,8 +74,9 @@ def delta_row_blocks(module: AdapterModule, shape: tuple[int, ...], device: torc
         return
     unit, slicer = split
     factors = module.factors(device, torch.float32)
-    # bound max|ΔW| from the factors (once per module); look at ΔW only when it could overflow
-    check = module.delta_may_overflow(factors, torch.float32)
+    # bound max|ΔW| from the stored factors' magnitudes (once per module, read on the CPU: no
+    # host sync on `device`); look at ΔW only when it could overflow
+    check = module.delta_may_overflow(dtype=torch.float32)
     step = _rows_per_block(shape, unit, max_elements)
     n = shape[0] // unit
     for a in range(0, n, step):
@@ -184,18 +185,20 @@ def cached_adapter(path: str) -> tuple[Adapter, bool]:
         tensors = safetensors.torch.load_file(str(path))
     except Exception as exc:  # safetensors raises its own error types
         raise AdapterError(f"cannot read tensors ({exc})", file=str(path)) from exc
-    pbar = comfy.utils.ProgressBar(len(checked.modules))
-    for module in checked.modules.values():
-        for ref in module.refs().values():
-            t = tensors.get(ref.key)
-            if t is None or tuple(t.shape) != ref.shape:
-                raise AdapterError("file changed while it was read", file=str(path), key=ref.key)
-            # one pass, no mask: min/max propagate NaN and show ±Inf
-            if t.is_floating_point() and t.numel() and not bool(
-                    torch.isfinite(torch.stack(torch.aminmax(t))).all()):
-                raise AdapterError("tensor holds NaN or Inf values", file=str(path), key=ref.key)
-        pbar.update(1)
+    for ref in refs.values():
+        t = tensors.get(ref.key)
+        if t is None or tuple(t.shape) != ref.shape:
+            raise AdapterError("file changed while it was read", file=str(path), key=ref.key)
     adapter = adapter_from_tensors({k: tensors[k] for k in refs}, checked.metadata, name=str(path))
+    pbar = comfy.utils.ProgressBar(len(adapter.modules))
+    for module in adapter.modules.values():
+        # every float tensor checked finite now, on the CPU, with its max |entry| remembered: the
+        # patch path (any device) then needs no look at the factors (`TensorRef.max_abs`)
+        for ref in module.refs().values():
+            if ref.source.get(ref.key).is_floating_point():
+                ref.max_abs()
+        module.alpha  # noqa: B018  (read once here, not on the patch path)
+        pbar.update(1)
     _CACHE[key] = adapter
     while len(_CACHE) > CACHE_SIZE:
         _CACHE.popitem(last=False)

@@ -65,8 +65,9 @@ class LycorisTestRecorder(io.ComfyNode):
         def wrapper(apply_model, args):
             sd = dict(m.model.named_parameters())
             sigma = args["timestep"]
-            RECORDS.append({"sigma": sigma.detach().clone(),
-                            **{k: sd[k].detach().float().clone() for k in names}})
+            # copies on the CPU whatever device ComfyUI runs on (LYCORIS_TEST_DEVICE)
+            RECORDS.append({"sigma": sigma.detach().to("cpu", copy=True),
+                            **{k: sd[k].detach().to("cpu", torch.float32, copy=True) for k in names}})
             return apply_model(args["input"], args["timestep"], **args["c"])
 
         m.set_model_unet_function_wrapper(wrapper)
