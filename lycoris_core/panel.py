@@ -16,12 +16,15 @@ import json
 import os
 import struct
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from .adapter import load_adapter
 from .effect import summary_fields
 from .errors import AdapterError
 
 MAX_META_CHARS = 4000  # long metadata values (tag frequencies, dataset dirs) are cut for the panel
+T = TypeVar("T")
 MAX_PANEL_MAP_HEADER = 1 << 20  # larger headers (tens of thousands of modules) get no panel map
 MAX_NAMES = 200  # name lists (unmatched, unknown_keys) are cut; "<list>_total" gives the full count
 
@@ -37,10 +40,10 @@ def _error(name: str, message: str, status: int = 422) -> tuple[int, bytes]:
     return status, json.dumps({"error": f"{name}: {message}", "lora_name": name}).encode()
 
 
-def summary_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
-    """(status, JSON bytes): `Adapter.summary()` of the file with "file" = `name`, or an error."""
+def _guarded(name: str, read: Callable[[], T]) -> T | tuple[int, bytes]:
+    """`read()` (loading the file), or the error answer naming the file by `name` only."""
     try:
-        summary = load_adapter(path).summary()
+        return read()
     except AdapterError as e:
         where = f"key '{str(e.key)[:200]}': " if e.key else ""
         return _error(name, where + e.detail)
@@ -48,6 +51,13 @@ def summary_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
         return _error(name, f"cannot read file: {e.strerror or type(e).__name__}")
     except (ValueError, MemoryError, RecursionError) as e:
         return _error(name, f"cannot summarise the file ({type(e).__name__})")
+
+
+def summary_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
+    """(status, JSON bytes): `Adapter.summary()` of the file with "file" = `name`, or an error."""
+    summary = _guarded(name, lambda: load_adapter(path).summary())
+    if isinstance(summary, tuple):
+        return summary
     summary["file"] = name
     for field in ("unmatched", "unknown_keys"):
         names = summary.get(field) or []
@@ -70,15 +80,9 @@ def effect_json(path: str | os.PathLike, name: str) -> tuple[int, bytes]:
     if header_length(path) > MAX_PANEL_MAP_HEADER:
         return 200, json.dumps({"blocks": {}, "blocks_png": "", "blocks_message":
                                 "too many modules to draw here; use the LyCORISEffectMap node"}).encode()
-    try:
-        adapter = load_adapter(path)
-    except AdapterError as e:
-        where = f"key '{str(e.key)[:200]}': " if e.key else ""
-        return _error(name, where + e.detail)
-    except OSError as e:
-        return _error(name, f"cannot read file: {e.strerror or type(e).__name__}")
-    except (ValueError, MemoryError, RecursionError) as e:
-        return _error(name, f"cannot summarise the file ({type(e).__name__})")
+    adapter = _guarded(name, lambda: load_adapter(path))
+    if isinstance(adapter, tuple):
+        return adapter
     try:
         fields = summary_fields(adapter, with_png=True)
     except (AdapterError, OSError, ValueError) as e:
