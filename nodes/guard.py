@@ -74,7 +74,7 @@ def scrub_paths(text: str) -> str:
     return text
 
 
-def _scrub_exception(exc: BaseException) -> None:
+def scrub_exception(exc: BaseException) -> None:
     """Cut absolute folder paths from the exception's message in place (type and traceback kept)."""
     try:
         if exc.args and any(isinstance(a, str) for a in exc.args):
@@ -97,7 +97,7 @@ def guard_node(cls: type) -> type:
             try:
                 return await func(c, *args, **kwargs)
             except Exception as exc:
-                _scrub_exception(exc)
+                scrub_exception(exc)
                 raise
     else:
         @functools.wraps(func)
@@ -106,7 +106,7 @@ def guard_node(cls: type) -> type:
             try:
                 return func(c, *args, **kwargs)
             except Exception as exc:
-                _scrub_exception(exc)
+                scrub_exception(exc)
                 raise
     setattr(wrapped, _GUARDED, True)
     cls.execute = classmethod(wrapped)

@@ -28,6 +28,7 @@ from ...lycoris_core.algos import AdapterModule
 from ...lycoris_core.algos.base import all_finite
 from ...lycoris_core.blocks import BlockWeights, parse_block_weights
 from ...lycoris_core.naming import is_text_encoder_name
+from ..guard import scrub_exception
 from .bypass import MODES, BypassInjection, bypass_plan
 
 log = logging.getLogger("lycoris_nodes")
@@ -141,14 +142,18 @@ class LycorisPatch(comfy.weight_adapter.WeightAdapterBase):
         if function is None:
             function = _identity
         shape = tuple(weight.shape)
-        with torch.no_grad():  # weight math only; also outside ComfyUI's inference mode
-            if self.module.has_dora:
-                w0 = weight.to(torch.float32)
-                change = self.module.delta(torch.float32, base=w0)  # W' − W0, norm of W0 + ΔW
-                _add_rows(weight, 0, shape[0], change, strength, function)
-                return weight
-            for r0, r1, dw in delta_row_blocks(self.module, shape, weight.device):
-                _add_rows(weight, r0, r1, dw, strength, function)
+        try:
+            with torch.no_grad():  # weight math only; also outside ComfyUI's inference mode
+                if self.module.has_dora:
+                    w0 = weight.to(torch.float32)
+                    change = self.module.delta(torch.float32, base=w0)  # W' − W0, norm of W0 + ΔW
+                    _add_rows(weight, 0, shape[0], change, strength, function)
+                    return weight
+                for r0, r1, dw in delta_row_blocks(self.module, shape, weight.device):
+                    _add_rows(weight, r0, r1, dw, strength, function)
+        except AdapterError as e:  # raised in ComfyUI's sampler, not in our node: no server paths
+            scrub_exception(e)
+            raise
         return weight
 
 
