@@ -16,20 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_train_graph import DEFAULTS
 
 from lycoris_core import load_adapter
 from lycoris_core.train.checkpoint import read_state
 
-TRAIN = dict(
-    algorithm="loha", network_dim=4, network_alpha=4.0, conv_dim=0, conv_alpha=1.0, use_tucker=False,
-    use_scalar=False, rank_dropout=0.0, module_dropout=0.0, exclude_patterns="", include_patterns="",
-    network_reg_dims="", network_reg_lrs="", factor=-1, decompose_both=False, train_llm_adapter=False,
-    loraplus_lr_ratio=0.0, optimizer="AdamW", learning_rate=1e-3, lr_scheduler="constant",
-    lr_warmup_steps=0, steps=1000, batch_size=2, gradient_accumulation_steps=1, max_grad_norm=1.0,
-    seed=0, min_timestep=0, max_timestep=1000, training_dtype="fp32", save_precision="fp32",
-    gradient_checkpointing=False, save_every_n_steps=0, output_name="lycoris/ds",
-    resume_from="", write_sdscripts_config=False,
-)
+TRAIN = {**DEFAULTS, "learning_rate": 1e-3, "steps": 1000, "min_timestep": 0, "max_timestep": 1000,
+         "output_name": "lycoris/ds"}  # test_train_graph's node inputs, for a dataset run
 DATASET = dict(
     resolution=64, enable_bucket=True, min_bucket_reso=32, max_bucket_reso=128,
     bucket_reso_steps=8, bucket_no_upscale=False, caption_extension=".txt", shuffle_caption=True,
