@@ -86,6 +86,18 @@ def host(tmp_path_factory):
     return comfy_host.boot(tmp_path_factory.mktemp("comfyui_base"))
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on 1 thread for a module (2 shared cores: oversubscribed threads make a 0.1 s
+    forward take seconds); use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def executor(host):
     import comfy_host

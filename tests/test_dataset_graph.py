@@ -31,12 +31,7 @@ DATASET = dict(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on 1 thread
 
 
 def _png(w: int, h: int, seed: int) -> bytes:

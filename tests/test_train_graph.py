@@ -50,13 +50,7 @@ def _dit_data(seed: int = 1):
 TEST_DATA = {"sdxl": _sdxl_data, "dit": _dit_data}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """2 shared cores: oversubscribed threads make a 0.1 s forward take seconds."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on 1 thread
 
 
 @pytest.fixture(scope="module")
