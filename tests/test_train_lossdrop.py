@@ -15,9 +15,11 @@ import sys
 
 import pytest
 import torch
-from test_train_graph import TEST_DATA, one_thread  # noqa: F401  (fixture)
+from test_train_graph import TEST_DATA
 
 STEPS, RANK, LR = 30, 4, 0.02
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on 1 thread
 
 
 def _pack(module: str):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_graph import DEFAULTS, TEST_DATA, data_node, one_thread  # noqa: F401
+from test_train_graph import DEFAULTS, TEST_DATA, data_node  # noqa: F401  (fixtures)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 pytestmark = pytest.mark.usefixtures("one_thread", "data_node")  # fixtures of test_train_graph

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_graph import data_node, graph, one_thread  # noqa: F401  (fixtures)
+from test_train_graph import data_node, graph  # noqa: F401  (fixtures)
 
 from lycoris_core import load_adapter
 from lycoris_core.train.checkpoint import read_state
 from lycoris_core.train.sd_objective import ObjectiveOptions
 
-pytestmark = pytest.mark.usefixtures("data_node")
+pytestmark = pytest.mark.usefixtures("one_thread", "data_node")
 
 OPTION_DEFAULTS = {f: getattr(ObjectiveOptions(), f) for f in ObjectiveOptions.__dataclass_fields__}
 OPTION_DEFAULTS.update(optimizer_args="", lr_scheduler_num_cycles=1, lr_scheduler_power=1.0)

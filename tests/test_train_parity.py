@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from test_train_graph import TEST_DATA, one_thread  # noqa: F401  (fixture)
+from test_train_graph import TEST_DATA
 
 TOL = 1e-5
 WINDOW = (500, 1000)
@@ -30,6 +30,8 @@ CASES = {  # name: (algo, network options)
     "lokr_tucker": ("lokr", dict(network_dim=2, network_alpha=1.0, conv_dim=2, conv_alpha=1.0,
                                  factor=4, use_tucker=True)),
 }
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: torch on 1 thread
 
 
 def _pack(module: str):

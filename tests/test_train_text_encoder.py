@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train_graph import DEFAULTS, TEST_DATA, data_node, one_thread  # noqa: F401
+from test_train_graph import DEFAULTS, TEST_DATA, data_node  # noqa: F401  (fixtures)
 
 from lycoris_core import KeyMap, load_adapter
 from lycoris_core.train.checkpoint import read_state
