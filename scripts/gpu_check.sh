@@ -3,11 +3,13 @@
 #
 #   bash gpu_check.sh            # on the GPU machine (Python 3.12 + its own CUDA torch; no network)
 #   bash gpu_check.sh --dry-run  # anywhere: everything up to the GPU, then what it would run
+#   bash gpu_check.sh --list-tests  # the test modules the GPU part runs (for gpu_prepare.sh)
 #
 # 1. unpacks the pack, both ComfyUI trees and the wheels (rebuilt and checked against their RECORD)
 #    into $LYCORIS_GPU_WORK (default: ./work beside this script; a temp folder for --dry-run);
 # 2. a venv with --system-site-packages (the machine's own torch, torchvision, transformers, …)
 #    and the folder's wheels installed with pip --no-index --no-deps (pip never goes online);
+#    then every module kept of the trimmed packages (trimmed.txt: scipy) is imported;
 # 3. the host-exercising tests with ComfyUI on the GPU (LYCORIS_TEST_DEVICE=cuda) on ComfyUI
 #    0.3.75 and 0.28.0, then a low-VRAM pass on each (LYCORIS_TEST_VRAM=low: --novram, partial
 #    loading, weights patched on the fly); the tests needing no host run on the CPU anyway and are
@@ -28,6 +30,7 @@ GPU_TESTS="${LYCORIS_GPU_TESTS:-test_device_paths.py test_loaders_patch.py test_
 test_loaders_tiny.py test_loaders_dit.py test_bypass_host.py test_schedule_host.py \
 test_merge_comfy.py test_bake_node.py test_train_graph.py}"
 LOW_VRAM_TESTS="test_device_paths.py test_loaders_patch.py test_bypass_host.py::test_golden_sample_bypass_equals_patch"
+if [ "${1:-}" = "--list-tests" ]; then echo $GPU_TESTS; exit 0; fi
 TEST_S="${LYCORIS_GPU_TEST_S:-150}"
 LOWVRAM_S="${LYCORIS_GPU_LOWVRAM_S:-40}"
 BENCH_S="${LYCORIS_GPU_BENCH_S:-110}"
@@ -41,7 +44,15 @@ finish() {
   printf '  %s\n' "${SUMMARY[@]}"
   exit "$STATUS"
 }
-for f in pack.tar.gz wheels.tar.xz requirements-gpu.txt; do
+trimmed_check() {  # python: import every module kept of the trimmed packages
+  local msg
+  if msg="$("$1" "$PACK/scripts/gpu_pack.py" imports "$HERE/trimmed.txt" 2>&1)"; then
+    part "trimmed: $msg"
+  else
+    failed "trimmed: $(echo "$msg" | tail -1)"; finish
+  fi
+}
+for f in pack.tar.xz comfyui.tar.xz wheels.tar.xz requirements-gpu.txt trimmed.txt; do
   [ -f "$HERE/$f" ] || { failed "folder: $f missing in $HERE (run scripts/gpu_prepare.sh)"; finish; }
 done
 
@@ -49,12 +60,12 @@ done
 if [ "$DRY" = 1 ]; then WORK="$(mktemp -d)"; trap 'rm -rf "$WORK"' EXIT
 else WORK="${LYCORIS_GPU_WORK:-$HERE/work}"; rm -rf "$WORK"; mkdir -p "$WORK"; fi
 t0=$SECONDS
-tar xzf "$HERE/pack.tar.gz" -C "$WORK"
+tar xJf "$HERE/pack.tar.xz" -C "$WORK"
 PACK="$WORK/lycoris-nodes"
+tar xJf "$HERE/comfyui.tar.xz" -C "$WORK"
 declare -A TREES=()
-for t in "$HERE"/comfyui-*.tar.xz; do
-  v="$(basename "$t" .tar.xz)"; v="${v#comfyui-}"
-  mkdir -p "$WORK/comfyui-$v" && tar xJf "$t" -C "$WORK/comfyui-$v" && TREES[$v]="$WORK/comfyui-$v"
+for t in "$WORK"/comfyui-*/; do
+  t="${t%/}"; TREES[${t##*/comfyui-}]="$t"
 done
 wheels_msg="$("$PY" "$PACK/scripts/gpu_pack.py" unpack "$HERE/wheels.tar.xz" "$WORK/wheels" 2>&1)" \
   || { failed "unpack: wheels: $wheels_msg"; finish; }
@@ -89,6 +100,13 @@ if [ "$DRY" = 1 ]; then
     failed "environment: offline install failed: $(tail -1 "$WORK/install.log")"
   fi
   [ -n "${resolved:-}" ] && [ -n "${installed:-}" ] && part "environment (dry run): $resolved; $installed"
+  if [ "$pyver" != 3.12 ]; then
+    part "trimmed (dry run): not imported: the kept modules are CPython 3.12 builds (set PYTHON to a 3.12 with numpy)"
+  elif ! "$WORK/venv-dry/bin/python" -c "import numpy" 2>/dev/null; then
+    part "trimmed (dry run): not imported: no numpy for $PY (the GPU machine has its own)"
+  else
+    trimmed_check "$WORK/venv-dry/bin/python"
+  fi
   torch_line="$("$PY" -c 'import torch; print(torch.__version__, "cuda available:", torch.cuda.is_available())' 2>/dev/null || echo "no torch for $PY")"
   part "device (dry run): $PY is Python $pyver, $torch_line: no GPU part runs here"
   VPY="$WORK/venv/bin/python"
@@ -111,6 +129,7 @@ if "$VPY" -m pip install -q --no-index --no-deps --find-links "$WORK/wheels" \
 else
   failed "environment: offline install failed: $(tail -1 "$WORK/install.log")"; finish
 fi
+trimmed_check "$VPY"
 
 # ------------------------------------------------------------------------------------- 3. tests
 run_tests() {  # label, seconds, extra env..., -- pytest args...

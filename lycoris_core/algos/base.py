@@ -179,6 +179,17 @@ class AdapterModule:
             self._unit_bound = self.max_abs_bound(self.magnitudes())
         return may_overflow(abs(self.scale) * self._unit_bound, dtype)
 
+    def dora_may_overflow(self, dtype: torch.dtype = torch.float32) -> bool:
+        """Whether DoRA's change W' − W0 could hold NaN/Inf in `dtype`, for a base weight W0 that is
+        finite and well inside the range (what any patch W0 + s·ΔW assumes). W' = w·m/(‖w‖ + eps)
+        with w = W0 + ΔW: an entry of a column of w is at most that column's norm, so every entry
+        of W' is at most max|m|; where a column of w is zero, the ratio m/eps multiplies zeros. So
+        the bounds of ΔW (`delta_may_overflow`) and of max|m|/eps decide, from the stored
+        tensors' magnitudes: W0's values are never read, and no device value either."""
+        eps = torch.finfo(dtype).eps
+        return (self.delta_may_overflow(dtype=dtype)
+                or may_overflow(self.dora_ref.max_abs() / eps, dtype))
+
     def describe(self) -> dict:
         """Mode information for reports (Tucker, full, decomposed, …)."""
         return {}
@@ -276,7 +287,7 @@ class AdapterModule:
         if self.dora_ref is not None:
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
-            check = True
+            check = self.dora_may_overflow(cdt)
         if check and not all_finite(dw):
             raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
                                "large", file=self.path, key=self._first_key())
@@ -320,7 +331,7 @@ class AdapterModule:
         w = self._diff_of(factors, self.scale).reshape(self.resolved_shape(shape))
         w += base.to(cdt)
         v = magnitude_ratio(w, self.dora_ref.load(base.device, cdt)).reshape(-1)
-        if not (all_finite(w) and all_finite(v)):
+        if self.dora_may_overflow(cdt) and not (all_finite(w) and all_finite(v)):
             raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
                                "large", file=self.path, key=self._first_key())
         return v
