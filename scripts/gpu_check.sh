@@ -101,9 +101,9 @@ if [ "$DRY" = 1 ]; then
   fi
   [ -n "${resolved:-}" ] && [ -n "${installed:-}" ] && part "environment (dry run): $resolved; $installed"
   if [ "$pyver" != 3.12 ]; then
-    part "trimmed (dry run): not imported: the kept modules are CPython 3.12 builds (set PYTHON to a 3.12 with numpy)"
+    part "trimmed (dry run): not imported here: the kept modules are CPython 3.12 builds (the GPU run imports each first)"
   elif ! "$WORK/venv-dry/bin/python" -c "import numpy" 2>/dev/null; then
-    part "trimmed (dry run): not imported: no numpy for $PY (the GPU machine has its own)"
+    part "trimmed (dry run): not imported here: no numpy beside $PY (the GPU run imports each first)"
   else
     trimmed_check "$WORK/venv-dry/bin/python"
   fi

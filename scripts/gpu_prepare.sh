@@ -22,8 +22,10 @@
 #   trimmed.txt             the modules kept of the trimmed packages (gpu_check.sh imports each)
 #   gpu_check.sh            the check itself
 # Wheels are only downloaded (pip download), never installed here. Size budget: 50 MiB, of which
-# av (~25 MiB packed: FFmpeg's libraries) and the trimmed scipy (~17 MiB) are most; a machine that
-# has either can leave it out: LYCORIS_GPU_HAVE="scipy av" (distributions that machine has).
+# av (~23 MiB packed: FFmpeg's libraries) and the trimmed scipy (~16 MiB) are most; a machine that
+# has either can leave it out: LYCORIS_GPU_HAVE="scipy av" (distributions that machine has). Left
+# out always: ComfyUI's optional asset database (gpu_wheels.LEFT_OUT). Before the folder is
+# written, the GPU tests run on the CPU here against what it holds (LYCORIS_GPU_VERIFY=0 skips).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
