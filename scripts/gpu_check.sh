@@ -129,6 +129,9 @@ if "$VPY" -m pip install -q --no-index --no-deps --find-links "$WORK/wheels" \
 else
   failed "environment: offline install failed: $(tail -1 "$WORK/install.log")"; finish
 fi
+if ! msg="$("$VPY" -c 'import torchaudio' 2>&1)"; then
+  failed "environment: torchaudio does not load with this torch ($(echo "$msg" | tail -1)); rebuild the folder with LYCORIS_GPU_TORCH=<this machine's torch X.Y>"; finish
+fi
 trimmed_check "$VPY"
 
 # ------------------------------------------------------------------------------------- 3. tests

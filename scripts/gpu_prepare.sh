@@ -21,6 +21,7 @@
 #   requirements-gpu.txt    those distributions, name==version
 #   trimmed.txt             the modules kept of the trimmed packages (gpu_check.sh imports each)
 #   gpu_check.sh            the check itself
+# LYCORIS_GPU_TORCH (default 2.11): the GPU machine's torch, which torchaudio must match.
 # Wheels are only downloaded (pip download), never installed here. Size budget: 50 MiB, of which
 # av (~23 MiB packed: FFmpeg's libraries) and the trimmed scipy (~16 MiB) are most; a machine that
 # has either can leave it out: LYCORIS_GPU_HAVE="scipy av" (distributions that machine has). Left
@@ -81,6 +82,10 @@ for name in ${LYCORIS_GPU_HAVE:-}; do
   mv "$TMP/keep2.txt" "$TMP/keep.txt"
 done
 cp "$TMP/keep.txt" "$STAGE/trimmed.txt"
+# torchaudio's compiled part is built against one torch: pin the release made with the GPU machine's
+# (torchaudio 2.11.1 fails to load with torch 2.11.0: undefined symbol; 2.11.0 loads)
+GPU_TORCH="${LYCORIS_GPU_TORCH:-2.11}"
+sed -i "s/^torchaudio==.*/torchaudio==$GPU_TORCH.0/" "$STAGE/requirements-gpu.txt"
 dupes="$(cut -d= -f1 "$STAGE/requirements-gpu.txt" | uniq -d)"
 [ -z "$dupes" ] || { echo "[gpu_prepare] the hosts need different versions of: $dupes" >&2; exit 1; }
 
