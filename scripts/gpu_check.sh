@@ -95,7 +95,7 @@ if [ "$DRY" = 1 ]; then
   else mapfile -t mine < <(ls "$WORK"/wheels/*-py3-none-any.whl "$WORK"/wheels/*-py2.py3-none-any.whl 2>/dev/null); fi
   if "${VPIP[@]}" install -q --no-index --no-deps "${mine[@]}" >"$WORK/install.log" 2>&1; then
     installed="${#mine[@]} of $(ls "$WORK"/wheels/*.whl | wc -l) wheels installed offline into a throwaway Python $pyver venv"
-    [ "$pyver" = 3.12 ] || installed+=" (the others are CPython 3.12 binaries: checked by the resolver only, Python 3.12 is not on this machine)"
+    [ "$pyver" = 3.12 ] || installed+=" (the others are CPython 3.12 binaries: checked by the resolver only; PYTHON=<a python3.12> installs them all)"
   else
     failed "environment: offline install failed: $(tail -1 "$WORK/install.log")"
   fi
