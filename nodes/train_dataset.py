@@ -16,7 +16,7 @@ from comfy_api.latest import io
 from ..lycoris_core.paths import safe_output_path
 from ..lycoris_core.train.checkpoint import state_path
 from ..lycoris_core.train.dataset import EpochSampler, process_caption, steps_for_epochs
-from ..lycoris_core.train.loop import TrainConfig
+from ..lycoris_core.train.loop import TrainConfig, aside, every_n_steps
 from ..lycoris_core.train.saves import step_to_remove
 from .dataset import TrainingSetType
 from .train_data import Objective, encode_tokens
@@ -246,38 +246,29 @@ class Validation:
 
     def loss(self) -> float:
         n = len(self.objective.x0)
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                torch.manual_seed(self.seed + 1)
-                total, count = 0.0, 0
-                for _ in range(self.DRAWS):
-                    for k in range(0, n, self.batch_size):
-                        idx = list(range(k, min(n, k + self.batch_size)))
-                        total += float(self.objective(idx)) * len(idx)
-                        count += len(idx)
-        finally:
-            self.network.train(was_training)
+        with aside(self.network):
+            torch.manual_seed(self.seed + 1)
+            total, count = 0.0, 0
+            for _ in range(self.DRAWS):
+                for k in range(0, n, self.batch_size):
+                    idx = list(range(k, min(n, k + self.batch_size)))
+                    total += float(self.objective(idx)) * len(idx)
+                    count += len(idx)
         return total / count
 
-    def wrap(self, on_step):
-        if not self.every:
-            return on_step
+    def validate(self, n: int, loss: float) -> None:
+        v = self.loss()
+        self.points.append((n, v))
+        log.info("TrainLyCORIS: validation loss %.5f at step %d", v, n)
+        try:
+            from server import PromptServer
+            PromptServer.instance.send_progress_text(
+                f"step {n}/{self.total}  loss {loss:.5f}  val_loss {v:.5f}", self.node_id)
+        except Exception:  # no server (scripts, tests)
+            pass
 
-        def step(n: int, loss: float) -> None:
-            on_step(n, loss)
-            if n % self.every == 0:
-                v = self.loss()
-                self.points.append((n, v))
-                log.info("TrainLyCORIS: validation loss %.5f at step %d", v, n)
-                try:
-                    from server import PromptServer
-                    PromptServer.instance.send_progress_text(
-                        f"step {n}/{self.total}  loss {loss:.5f}  val_loss {v:.5f}", self.node_id)
-                except Exception:  # no server (scripts, tests)
-                    pass
-        return step
+    def wrap(self, on_step):
+        return every_n_steps(on_step, self.every, self.validate)
 
 
 def draw_validation(image: torch.Tensor, losses: list[float], points: list[tuple[int, float]],

@@ -15,6 +15,7 @@ import comfy.utils
 import torch
 from comfy_api.latest import io
 
+from ..lycoris_core.train.loop import aside, every_n_steps
 from ..lycoris_core.train.samples import parse_sample_prompts
 from .train_data import encode_tokens
 
@@ -60,25 +61,20 @@ class TrainingSamples:
         return encode_tokens(self.clip, self.clip.tokenize(text))
 
     def sample(self, step: int) -> None:
-        was_training = self.network.training
-        self.network.eval()
-        try:
-            with torch.random.fork_rng(devices=[]), torch.no_grad():
-                for p in self.prompts:
-                    latent = torch.zeros(1, 4, p.height // 8, p.width // 8)
-                    latent = comfy.sample.fix_empty_latent_channels(self.patcher, latent)
-                    seed = self.seed if p.seed is None else p.seed
-                    noise = comfy.sample.prepare_noise(latent, seed)
-                    out = comfy.sample.sample(self.patcher, noise, p.steps, p.cfg, "euler", "normal",
-                                              self._cond(p.prompt), self._cond(p.negative), latent,
-                                              disable_pbar=True, seed=seed)
-                    img = self.vae.decode(out).float().cpu()
-                    img = img.reshape(-1, *img.shape[-3:])[:1]  # (1, H, W, 3)
-                    self.images.append(img)
-                    self.steps.append(step)
-                    self._preview(step, img)
-        finally:
-            self.network.train(was_training)
+        with aside(self.network):
+            for p in self.prompts:
+                latent = torch.zeros(1, 4, p.height // 8, p.width // 8)
+                latent = comfy.sample.fix_empty_latent_channels(self.patcher, latent)
+                seed = self.seed if p.seed is None else p.seed
+                noise = comfy.sample.prepare_noise(latent, seed)
+                out = comfy.sample.sample(self.patcher, noise, p.steps, p.cfg, "euler", "normal",
+                                          self._cond(p.prompt), self._cond(p.negative), latent,
+                                          disable_pbar=True, seed=seed)
+                img = self.vae.decode(out).float().cpu()
+                img = img.reshape(-1, *img.shape[-3:])[:1]  # (1, H, W, 3)
+                self.images.append(img)
+                self.steps.append(step)
+                self._preview(step, img)
         log.info("TrainLyCORIS: %d sample(s) at step %d", len(self.prompts), step)
 
     def _preview(self, step: int, img: torch.Tensor) -> None:
@@ -88,14 +84,8 @@ class TrainingSamples:
         self.bar.update_absolute(step, self.total, ("JPEG", Image.fromarray(arr), 512))
 
     def wrap(self, on_step):
-        if not self.prompts:
-            return on_step
-
-        def step(n: int, loss: float) -> None:
-            on_step(n, loss)
-            if n % self.every == 0:
-                self.sample(n)
-        return step
+        return every_n_steps(on_step, self.every if self.prompts else 0,
+                             lambda n, _loss: self.sample(n))
 
     def batch(self) -> torch.Tensor:
         """All samples as one IMAGE batch: empty (0 images) without samples; images of another

@@ -8,8 +8,9 @@ of the saved training state, so N steps + save + resume + M steps equals N+M ste
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -180,3 +181,31 @@ class Trainer:
             finally:
                 self.network.eval()
         return True
+
+
+def every_n_steps(on_step: Callable[[int, float], None], every: int,
+                  action: Callable[[int, float], None]) -> Callable[[int, float], None]:
+    """`Trainer.run`'s `on_step` that also calls `action(step, loss)` after every `every`-th step
+    (`on_step` itself when `every` is 0)."""
+    if not every:
+        return on_step
+
+    def step(n: int, loss: float) -> None:
+        on_step(n, loss)
+        if n % every == 0:
+            action(n, loss)
+    return step
+
+
+@contextlib.contextmanager
+def aside(network: torch.nn.Module) -> Iterator[None]:
+    """Work beside training (validation losses, sample images): the network in eval mode, no
+    gradients, the global RNG forked so the run's own random stream is untouched; the network's
+    mode restored after."""
+    was_training = network.training
+    network.eval()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            yield
+    finally:
+        network.train(was_training)
