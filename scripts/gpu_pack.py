@@ -39,8 +39,10 @@ XZ_FILTERS = [{"id": lzma.FILTER_X86},
               {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 64 << 20}]
 """x86 branch filter (the archive is mostly x86-64 machine code), then LZMA2 at its strongest with a
 64 MiB window; any xz reader unpacks it (Python's tarfile `r:xz`, `tar xJf`)."""
-MODULE = re.compile(r"\.(py|pyi|pyx|pxd|pxi)$|\.(cpython-\d+[a-z]*-[^.]+|abi3)\.so$")
 EXT_TAG = re.compile(r"\.(cpython-\d+[a-z]*-[^.]+|abi3)\.so$")
+"""The ABI tag of an extension module's file name (`_ufuncs.cpython-312-x86_64-linux-gnu.so`):
+KEEP_FILE names extension modules without it (`_ufuncs.so`), so one list serves every Python."""
+MODULE = re.compile(r"\.(py|pyi|pyx|pxd|pxi)$|" + EXT_TAG.pattern)
 
 
 def read_keep(keep_file: Path) -> dict[str, set[str]]:
@@ -150,8 +152,8 @@ def imports(keep_file: Path) -> str:
 
     counts = []
     for top, paths in sorted(read_keep(keep_file).items()):
-        names = sorted({EXT_TAG.sub("", re.sub(r"\.(py|so)$", "", p)).replace("/", ".")
-                        .removesuffix(".__init__") for p in paths})
+        names = sorted({re.sub(r"\.(py|so)$", "", p).replace("/", ".").removesuffix(".__init__")
+                        for p in paths})
         for name in names:
             try:
                 importlib.import_module(name)

@@ -50,10 +50,12 @@ git rev-parse --short HEAD > "$STAGE/pack-commit.txt"
 cp scripts/gpu_check.sh "$STAGE/gpu_check.sh"
 
 mkdir "$TMP/trees"
+VERSIONS=()  # of host 1, host 2
 for dir in "$HOST1_DIR" "$HOST2_DIR"; do
   version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "$dir/comfyui_version.py")"
   echo "[gpu_prepare] ComfyUI $version from $dir"
   ln -s "$dir" "$TMP/trees/comfyui-$version"
+  VERSIONS+=("$version")
 done
 # one archive, so that the files both trees share are stored once (a 64 MiB window spans both);
 # -h follows the two links above (the trees themselves hold no symbolic links)
@@ -110,8 +112,7 @@ if [ "${LYCORIS_GPU_VERIFY:-1}" != 0 ]; then
   tar xJf "$STAGE/comfyui.tar.xz" -C "$TMP/verify"
   read -r -a TESTS <<< "$(bash scripts/gpu_check.sh --list-tests)"
   for n in 1 2; do
-    py_var="HOST${n}_PY"; dir_var="HOST${n}_DIR"
-    version="$(sed -n 's/^__version__ = "\(.*\)"/\1/p' "${!dir_var}/comfyui_version.py")"
+    py_var="HOST${n}_PY"; version="${VERSIONS[n - 1]}"
     "${!py_var}" scripts/gpu_pack.py shadow "$STAGE/trimmed.txt" "$TMP/shadow$n" >/dev/null
     log="$TMP/verify-$n.log"
     if (cd tests && PYTHONPATH="$TMP/shadow$n" LYCORIS_COMFYUI_DIR="$TMP/verify/comfyui-$version" \

@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from gpu_pack import EXT_TAG
+
 ROOT = Path(__file__).resolve().parents[1]
 PREINSTALLED = re.compile(
     r"^(torch|torchvision|triton|nvidia-.*|cuda-.*|transformers|tokenizers|huggingface-hub|hf-xet|"
@@ -40,7 +42,6 @@ never by the GPU tests: the boot here blocks them, which shows ComfyUI starts wi
 the folder does not carry them (1.6 MiB packed that its 50 MiB budget lacks room for)."""
 TRIMMED = ("scipy",)
 """Distributions the GPU folder carries only in part (see gpu_pack.py): their loaded modules."""
-EXT_TAG = re.compile(r"\.(cpython-\d+[a-z]*-[^.]+|abi3)\.so$")
 
 
 def loaded_files(top: str) -> list[str]:

@@ -46,10 +46,6 @@ def _layers(case: str) -> list[tuple[object, str, tuple[int, ...]]]:
     return [(adapter.modules[n], k, tuple(shapes[k])) for n, k in res.matched.items()]
 
 
-def _no_dora(case: str):
-    return [x for x in _layers(case) if not x[0].has_dora]
-
-
 @pytest.fixture(scope="module")
 def patching(host):
     return host.pack.nodes.patching
@@ -135,7 +131,7 @@ def test_schedule_weight_writes_on_meta(patching, dtype, cache_delta):
 
     scheduled = import_module(patching.__name__ + ".scheduled")
     for case in ("loha_conv_tucker", "lokr_full_w2", "anima_loha_blocks"):
-        for module, key, shape in _no_dora(case)[:3]:
+        for module, key, shape in _layers(case)[:3]:
             param = torch.empty(shape, dtype=dtype, device=META)
             w = scheduled._Weight(key, param, param.detach().clone(), None, None)
             w.add_term(None, module, 0.8, cache_delta)

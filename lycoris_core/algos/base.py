@@ -283,11 +283,12 @@ class AdapterModule:
         dw = self._diff_of(factors, self.scale).reshape(self.resolved_shape(shape))
         # The factors were checked finite when loaded. If their magnitude bound shows ΔW cannot
         # reach the dtype's range, ΔW is finite without looking at it; otherwise it is checked.
-        check = self.delta_may_overflow(dtype=cdt)
         if self.dora_ref is not None:
             w0 = base.to(device=device, dtype=cdt)
             dw = apply_dora(w0, dw, self.dora_ref.load(device, cdt)) - w0
             check = self.dora_may_overflow(cdt)
+        else:
+            check = self.delta_may_overflow(dtype=cdt)
         if check and not all_finite(dw):
             raise AdapterError(f"module '{self.name}': ΔW overflows {cdt} (NaN or Inf): factors too "
                                "large", file=self.path, key=self._first_key())
